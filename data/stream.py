@@ -1,0 +1,278 @@
+"""Streaming loader: shards -> shuffled, frame-aligned random crops -> batches, resumable exactly.
+
+    loader = AudioLoader(StreamConfig(shards="shards/", crop_seconds=5, batch_size=8), rank=0, world=1)
+    for batch in loader:            # {"audio": [B, samples], "lengths": [B], "offsets": [B], "keys", "shards"}
+        ...
+    state = loader.state_dict()     # save with the checkpoint; AudioLoader(...).load_state_dict(state) resumes
+
+Each (rank, worker) pair reads whole shards sequentially, WebDataset-style:
+in training mode from an endless sequence of per-epoch seeded permutations
+of the shard list (position p of the sequence goes to global worker p mod
+(world x workers)), in evaluation mode from one pass over the sorted list.
+Samples go through a seeded shuffle buffer, then a random crop of
+`crop_seconds` that starts on a 320-sample frame boundary (label frame i
+covers samples [320 i, 320 i + 320)). Only the cropped part of a segment's
+FLAC is decoded.
+
+The state of a worker is small: where it is in its shard sequence, the byte
+offset of the next sample in its current shard, the shuffle RNG, and the
+buffer as (shard, byte offset) references, which are re-read on restore.
+Teacher labels will be joined per item in `_make_item` by (shard, key, offset).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import warnings
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from data.audio import FRAME_SAMPLES, SAMPLE_RATE
+from data.cluster import rank_world
+from data.index import read_index
+
+STATE_VERSION = 1
+MAX_BAD_IN_A_ROW = 100
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    shards: str  # folder written by `python -m data.shards build`
+    crop_seconds: float = 5.0
+    batch_size: int = 8
+    num_workers: int = 2
+    shuffle_buffer: int = 256  # samples per worker; 0 turns shuffling off
+    short: str = "pad"  # clips shorter than the crop: "pad" with zeros (lengths tell) or "drop"
+    min_seconds: float = 1.0  # clips shorter than this are always dropped
+    seed: int = 0
+    train: bool = True  # False: each sample once, in order, deterministic crops
+    prefetch_factor: int = 2
+
+    @property
+    def crop_samples(self) -> int:
+        return int(round(self.crop_seconds * SAMPLE_RATE))
+
+    def check(self) -> None:
+        if self.short not in ("pad", "drop"):
+            raise ValueError(f"StreamConfig.short={self.short!r}: use 'pad' or 'drop'")
+        if self.crop_samples % FRAME_SAMPLES:
+            raise ValueError(
+                f"StreamConfig.crop_seconds={self.crop_seconds}: the crop must be a whole number of "
+                f"{FRAME_SAMPLES}-sample frames at {SAMPLE_RATE} Hz (e.g. 5.0 or 5.12)"
+            )
+
+
+# ---------------------------------------------------------------- reading tars
+
+
+def read_samples(path: str, offset: int = 0) -> Iterator[tuple[int, int, str, dict[str, bytes]]]:
+    """(start, next_start, key, {ext: bytes}) for each sample from byte `offset` on."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        tar = tarfile.open(fileobj=f, mode="r:")
+        start, key, parts = offset, None, {}
+        while (member := tar.next()) is not None:
+            tar.members.clear()  # stream: keep no list of every member of a 1 GB shard
+            name = member.name.rsplit("/", 1)[-1]
+            member_key, _, ext = name.partition(".")
+            if key is not None and member_key != key:
+                yield start, member.offset, key, parts
+                start, parts = member.offset, {}
+            key = member_key
+            f.seek(member.offset_data)
+            parts[ext] = f.read(member.size)
+        if key is not None:
+            yield start, os.path.getsize(path), key, parts
+
+
+def read_one(path: str, offset: int) -> tuple[str, dict[str, bytes]]:
+    for _, _, key, parts in read_samples(path, offset):
+        return key, parts
+    raise ValueError(f"{path}: no sample at byte {offset}")
+
+
+# ---------------------------------------------------------------- cropping
+
+
+def choose_offset(total: int, crop: int, rng: np.random.Generator) -> int:
+    """A crop start on a frame boundary, uniform over the starts that fit."""
+    if total <= crop:
+        return 0
+    return int(rng.integers(0, (total - crop) // FRAME_SAMPLES + 1)) * FRAME_SAMPLES
+
+
+def decode_crop(flac: bytes, offset: int, count: int) -> np.ndarray:
+    with sf.SoundFile(io.BytesIO(flac)) as f:
+        f.seek(offset)
+        return f.read(count, dtype="float32")
+
+
+class ShardStream(IterableDataset):
+    """One worker's stream of cropped items; see the module docstring."""
+
+    def __init__(self, cfg: StreamConfig, shard_names: list[str], rank: int, world: int):
+        self.cfg, self.names, self.rank, self.world = cfg, shard_names, rank, world
+        self.state = self._initial_state()
+
+    def _initial_state(self) -> dict:
+        return {"taken": 0, "offset": 0, "buffer": [], "rng": None, "popped": 0, "bad": 0}
+
+    def state_dict(self) -> dict:
+        return json.loads(json.dumps(self.state))  # a deep copy of plain data
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = json.loads(json.dumps(state))
+
+    # -- which shards this worker reads
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return self.rank * workers + worker, self.world * workers
+
+    def _shard_at(self, taken: int) -> str | None:
+        me, everyone = self._worker()
+        position = me + taken * everyone
+        if not self.cfg.train:
+            return self.names[position] if position < len(self.names) else None
+        epoch, i = divmod(position, len(self.names))
+        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.names))
+        return self.names[order[i]]
+
+    def _raw(self) -> Iterator[tuple[list, str, dict]]:
+        """([shard, offset], key, parts) in reading order; keeps taken/offset current."""
+        state = self.state
+        while (name := self._shard_at(state["taken"])) is not None:
+            path = os.path.join(self.cfg.shards, name)
+            for start, next_start, key, parts in read_samples(path, state["offset"]):
+                state["offset"] = next_start
+                yield [name, start], key, parts
+            state["taken"], state["offset"] = state["taken"] + 1, 0
+
+    # -- shuffle, crop, yield
+
+    def __iter__(self) -> Iterator[dict]:
+        for ref, key, parts in self._shuffled():
+            item = self._make_item(ref, key, parts)
+            if item is not None:
+                yield item
+
+    def _shuffled(self) -> Iterator[tuple[list, str, dict]]:
+        state, size = self.state, self.cfg.shuffle_buffer if self.cfg.train else 0
+        rng = np.random.default_rng([self.cfg.seed, *self._worker()])
+        if state["rng"] is not None:
+            rng.bit_generator.state = state["rng"]
+        buffer = [(ref, *read_one(os.path.join(self.cfg.shards, ref[0]), ref[1])) for ref in state["buffer"]]
+        for incoming in self._raw():
+            if len(buffer) < size:
+                buffer.append(incoming)
+                state["buffer"].append(incoming[0])
+                continue
+            if size:
+                i = int(rng.integers(len(buffer)))
+                incoming, buffer[i] = buffer[i], incoming
+                state["buffer"][i] = buffer[i][0]
+                state["rng"] = rng.bit_generator.state
+            yield incoming
+        while buffer:  # evaluation mode, or a training set that ran dry
+            state["buffer"].pop(0)
+            yield buffer.pop(0)
+
+    def _make_item(self, ref: list, key: str, parts: dict) -> dict | None:
+        """Crop one sample; None (counted) when it is too short or cannot be decoded."""
+        state, cfg = self.state, self.cfg
+        state["popped"] += 1
+        crop = cfg.crop_samples
+        try:
+            total = int(json.loads(parts["json"])["samples"])
+            if total < cfg.min_seconds * SAMPLE_RATE or (total < crop and cfg.short == "drop"):
+                return None
+            rng = np.random.default_rng(
+                [cfg.seed, *self._worker(), state["popped"]] if cfg.train else [cfg.seed, zlib.crc32(key.encode())]
+            )
+            offset = choose_offset(total, crop, rng)
+            audio = decode_crop(parts["flac"], offset, crop)
+        except (KeyError, ValueError, RuntimeError, sf.LibsndfileError) as e:
+            return self._bad(ref, key, e)
+        state["bad"] = 0
+        length = len(audio)
+        if length < crop:
+            audio = np.pad(audio, (0, crop - length))
+        return {"audio": audio, "length": length, "offset": offset, "key": key, "shard": ref[0]}
+
+    def _bad(self, ref: list, key: str, error: Exception) -> None:
+        self.state["bad"] += 1
+        warnings.warn(f"{ref[0]} sample {key} (byte {ref[1]}): skipped, {type(error).__name__}: {error}")
+        if self.state["bad"] >= MAX_BAD_IN_A_ROW:
+            raise RuntimeError(f"{self.state['bad']} unreadable samples in a row, last in {ref[0]}; rebuild those shards")
+        return None
+
+
+def collate(items: list[dict]) -> dict:
+    return {
+        "audio": torch.from_numpy(np.stack([it["audio"] for it in items])),
+        "lengths": torch.tensor([it["length"] for it in items]),
+        "offsets": torch.tensor([it["offset"] for it in items]),
+        "keys": [it["key"] for it in items],
+        "shards": [it["shard"] for it in items],
+    }
+
+
+# ---------------------------------------------------------------- the loader
+
+
+class AudioLoader:
+    """A resumable DataLoader over shards for one rank; `state_dict` goes into checkpoints."""
+
+    def __init__(self, cfg: StreamConfig, rank: int | None = None, world: int | None = None):
+        cfg.check()
+        if rank is None and world is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.rank, self.world = rank_world(rank, world)
+        self.cfg = cfg
+        self.index = read_index(cfg.shards)
+        names = [s["name"] for s in self.index["shards"] if s["samples"] > 0]
+        if not names:
+            raise ValueError(f"{cfg.shards}: the shard index lists no samples; check the build report there")
+        if not cfg.train and len(names) < self.world * max(1, cfg.num_workers):
+            warnings.warn(f"{cfg.shards}: {len(names)} shards for {self.world * max(1, cfg.num_workers)} readers; some read nothing")
+        self.dataset = ShardStream(cfg, names, self.rank, self.world)
+        self.loader = StatefulDataLoader(
+            self.dataset, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers,
+            prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None, drop_last=cfg.train,
+            persistent_workers=False,
+        )
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "world": self.world, "rank": self.rank, "num_workers": self.cfg.num_workers,
+                "content_hash": self.index["content_hash"], "config": asdict(self.cfg), "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_compatible(state)
+        self.loader.load_state_dict(state["loader"])
+
+    def _check_compatible(self, state: dict) -> None:
+        mine = {"world": self.world, "rank": self.rank, "num_workers": self.cfg.num_workers,
+                "content_hash": self.index["content_hash"]}
+        differ = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        saved_cfg, cfg = state.get("config", {}), asdict(self.cfg)
+        differ.update({f"config.{k}": (saved_cfg.get(k), v) for k, v in cfg.items() if k != "shards" and saved_cfg.get(k) != v})
+        if state.get("version") != STATE_VERSION or differ:
+            what = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items()) or "state version"
+            raise ValueError(
+                f"cannot resume the data stream of {self.cfg.shards} exactly ({what}). Each (rank, worker) owns its "
+                "own position in the shard sequence, so resume with the same world size, workers, loader settings "
+                "and shards, or start the data stream afresh."
+            )
