@@ -1,0 +1,132 @@
+"""Label sidecars: one folder per teacher, one file per shard, and a manifest that ties them to the shards.
+
+    LABELS/shard-NNNNNN.npz   codes per sample key: int16 (int32 above 32767 clusters) [frames, codebooks]
+    LABELS/shard-NNNNNN.json  the shard's frame count and code histogram; written before the .npz,
+                              whose atomic rename marks the shard done
+    LABELS/dump.json          the teacher and shard set this folder is being filled from (refuses a mix)
+    LABELS/teacher.json       the manifest, written when every shard is done: teacher name, config
+                              hash, frame rate, codebooks, cardinality, and the shards' content hash
+
+Frame f of a sample's codes covers samples [320 f, 320 f + 320) of its
+segment; a segment of N samples has N // 320 frames.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+
+from data.audio import FRAME_SAMPLES, SAMPLE_RATE
+from data.files import atomic_write_bytes, atomic_write_json, read_json
+
+LABELS_FORMAT = "musicpt-labels/1"
+MANIFEST_NAME = "teacher.json"
+FRAME_RATE = SAMPLE_RATE / FRAME_SAMPLES  # 75 Hz
+
+
+def sidecar_path(labels_dir: str, shard: str) -> str:
+    return os.path.join(labels_dir, shard.replace(".tar", ".npz"))
+
+
+def summary_path(labels_dir: str, shard: str) -> str:
+    return os.path.join(labels_dir, shard.replace(".tar", ".json"))
+
+
+def code_dtype(cardinality: int) -> np.dtype:
+    return np.dtype(np.int16 if cardinality <= np.iinfo(np.int16).max + 1 else np.int32)
+
+
+def write_sidecar(path: str, codes: dict[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **codes)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def teacher_identity(teacher) -> dict[str, Any]:
+    """What a labels folder promises about its teacher; compared on every re-run and by the loader."""
+    return {
+        "teacher": teacher.name,
+        "config_hash": teacher.config_hash,
+        "frame_rate": FRAME_RATE,
+        "hop": FRAME_SAMPLES,
+        "codebooks": teacher.codebooks,
+        "cardinality": teacher.cardinality,
+        "codebook_sizes": list(getattr(teacher, "codebook_sizes", [teacher.cardinality] * teacher.codebooks)),
+        "random_init": bool(getattr(teacher, "random_init", False)),
+    }
+
+
+def try_write_manifest(labels_dir: str, identity: dict, index: dict, extra: dict) -> dict | None:
+    """Write teacher.json once every shard of the index has its sidecar; return it, else None."""
+    shards = {}
+    for shard in index["shards"]:
+        if not os.path.exists(sidecar_path(labels_dir, shard["name"])):
+            return None
+        summary = read_json(summary_path(labels_dir, shard["name"]), "a label shard summary")
+        shards[shard["name"]] = {"samples": summary["samples"], "frames": summary["frames"]}
+    manifest = {"format": LABELS_FORMAT, **identity, "shards_content_hash": index["content_hash"],
+                "shards": shards, "frames": sum(s["frames"] for s in shards.values()), **extra}
+    atomic_write_json(os.path.join(labels_dir, MANIFEST_NAME), manifest)
+    return manifest
+
+
+def check_labels(labels_dir: str, index: dict, shard_dir: str, config_hash: str | None = None) -> dict:
+    """The manifest of `labels_dir` if its labels fit these shards; else an error naming teacher and shard."""
+    path = os.path.join(labels_dir, MANIFEST_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path}: no teacher manifest, so these labels are missing or unfinished. Run (or re-run to finish) "
+            f"the teacher's dump, e.g. `python -m teachers.kmeans dump --config ...`, for {shard_dir}."
+        )
+    manifest = read_json(path, "a teacher manifest")
+    name = manifest.get("teacher", "?")
+    if manifest.get("format") != LABELS_FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {LABELS_FORMAT!r}; re-run the dump of teacher {name}.")
+    if manifest["shards_content_hash"] != index["content_hash"]:
+        raise ValueError(
+            f"{path}: teacher {name} labelled shards with content hash {manifest['shards_content_hash'][:12]}, but "
+            f"{shard_dir} has {index['content_hash'][:12]}: the labels are stale. Re-run the dump into a new folder."
+        )
+    if manifest["frame_rate"] != FRAME_RATE or manifest["hop"] != FRAME_SAMPLES:
+        raise ValueError(f"{path}: teacher {name} is at {manifest['frame_rate']} Hz (hop {manifest['hop']}); "
+                         f"training needs {FRAME_RATE} Hz labels (hop {FRAME_SAMPLES}).")
+    if config_hash is not None and manifest["config_hash"] != config_hash:
+        raise ValueError(f"{path}: teacher {name} has config hash {manifest['config_hash'][:12]}, the training "
+                         f"config expects {config_hash[:12]}; point the config at the right labels or re-run the dump.")
+    for shard in index["shards"]:
+        listed = manifest["shards"].get(shard["name"])
+        sidecar = sidecar_path(labels_dir, shard["name"])
+        if listed is None or listed["samples"] != shard["samples"] or not os.path.exists(sidecar):
+            raise FileNotFoundError(f"{sidecar}: teacher {name} has no labels for shard {shard['name']} "
+                                    "(or for a different version of it); re-run the dump.")
+    return manifest
+
+
+class SidecarReader:
+    """Codes of one teacher by (shard, key), keeping the last few sidecars open."""
+
+    def __init__(self, labels_dir: str, name: str, codebooks: int, keep_open: int = 4):
+        self.labels_dir, self.name, self.codebooks, self.keep_open = labels_dir, name, codebooks, keep_open
+        self.open: dict[str, Any] = {}
+
+    def codes(self, shard: str, key: str, num_samples: int) -> np.ndarray:
+        """[frames, codebooks] for the whole segment; a frame count that does not match its audio is an error."""
+        npz = self._sidecar(shard)
+        if key not in npz.files:
+            raise KeyError(f"{sidecar_path(self.labels_dir, shard)}: teacher {self.name} has no codes for sample {key}; re-run the dump.")
+        codes = npz[key]
+        if codes.shape != (num_samples // FRAME_SAMPLES, self.codebooks):
+            raise ValueError(
+                f"{sidecar_path(self.labels_dir, shard)}: teacher {self.name} codes for {key} have shape {codes.shape}, "
+                f"but {num_samples} samples need ({num_samples // FRAME_SAMPLES}, {self.codebooks}); the labels are misaligned."
+            )
+        return codes
+
+    def _sidecar(self, shard: str):
+        if shard not in self.open:
+            if len(self.open) >= self.keep_open:
+                self.open.pop(next(iter(self.open))).close()
+            self.open[shard] = np.load(sidecar_path(self.labels_dir, shard))
+        return self.open[shard]
