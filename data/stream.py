@@ -1,8 +1,8 @@
 """Streaming loader: shards -> shuffled, frame-aligned random crops -> batches, resumable exactly.
 
     loader = AudioLoader(StreamConfig(shards="shards/", crop_seconds=5, batch_size=8), rank=0, world=1)
-    for batch in loader:            # {"audio": float32 [B, samples], "lengths": [B], "offsets": [B], "keys", "shards"}
-        ...
+    for batch in loader:            # {"audio": float32 [B, samples], "lengths": [B], "offsets": [B], "keys", "shards",
+        ...                         #  "labels": {teacher: int64 [B, samples // 320, codebooks], -1 past a clip's end}}
     state = loader.state_dict()     # save with the checkpoint; AudioLoader(...).load_state_dict(state) resumes
 
 Each (rank, worker) pair reads whole shards sequentially, WebDataset-style:
@@ -18,7 +18,11 @@ the workers as int16 and become float32 in [-1, 1) in the main process.
 The state of a worker is small: where it is in its shard sequence, the byte
 offset of the next sample in its current shard, the shuffle RNG, and the
 buffer as (shard, byte offset) references, which are re-read on restore.
-Teacher labels will be joined per item in `_make_item` by (shard, key, offset).
+Teacher labels (StreamConfig.labels, folders written by a teacher dump) are
+joined per item by (shard, key, offset): label frame offset // 320 + i goes
+with crop frame i. Every teacher manifest is checked against the shard index
+before the first batch, and a sample whose codes do not fit its audio stops
+the run (LabelError) instead of being skipped.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from data.audio import FRAME_SAMPLES, SAMPLE_RATE
 from data.cluster import rank_world
 from data.index import read_index
+from data.labels import SidecarReader, check_labels
 from data.tar import Member, read_one, read_samples
 
 STATE_VERSION = 1
@@ -57,6 +62,7 @@ class StreamConfig:
     seed: int = 0
     train: bool = True  # False: each sample once, in order, deterministic crops
     prefetch_factor: int = 2
+    labels: tuple[str, ...] = ()  # label folders (teacher dumps) joined to each crop by shard, key and offset
 
     @property
     def crop_samples(self) -> int:
@@ -98,8 +104,10 @@ def decode_crop(flac: Member, offset: int, count: int) -> tuple[np.ndarray, int]
 class ShardStream(IterableDataset):
     """One worker's stream of cropped items; see the module docstring."""
 
-    def __init__(self, cfg: StreamConfig, shard_names: list[str], rank: int, world: int):
+    def __init__(self, cfg: StreamConfig, shard_names: list[str], rank: int, world: int, teachers: dict | None = None):
         self.cfg, self.names, self.rank, self.world = cfg, shard_names, rank, world
+        self.teachers = teachers or {}  # name -> (labels dir, codebooks)
+        self.readers: dict[str, SidecarReader] | None = None  # opened lazily, in the worker
         self.state = self._initial_state()
 
     def _initial_state(self) -> dict:
@@ -183,7 +191,15 @@ class ShardStream(IterableDataset):
         except (KeyError, ValueError, RuntimeError, sf.LibsndfileError) as e:
             return self._bad(ref, key, e)
         state["bad"] = 0
-        return {"audio": audio, "length": length, "offset": offset, "key": key, "shard": ref[0]}
+        item = {"audio": audio, "length": length, "offset": offset, "key": key, "shard": ref[0]}
+        if self.teachers:  # misaligned or missing labels raise LabelError: a run must not train on them
+            item["labels"] = {name: reader.crop(ref[0], key, total, offset, crop) for name, reader in self._readers().items()}
+        return item
+
+    def _readers(self) -> dict[str, SidecarReader]:
+        if self.readers is None:
+            self.readers = {name: SidecarReader(folder, name, books) for name, (folder, books) in self.teachers.items()}
+        return self.readers
 
     def _bad(self, ref: list, key: str, error: Exception) -> None:
         self.state["bad"] += 1
@@ -198,8 +214,10 @@ def collate(items: list[dict]) -> dict:
     if get_worker_info() is not None:
         audio.share_memory_()  # stacked straight into the buffer the main process maps: one copy, not two
     np.stack([it["audio"] for it in items], out=audio.numpy())
+    labels = {name: torch.from_numpy(np.stack([it["labels"][name] for it in items])) for name in items[0].get("labels", {})}
     return {
         "audio": audio,
+        "labels": labels,
         "lengths": torch.tensor([it["length"] for it in items]),
         "offsets": torch.tensor([it["offset"] for it in items]),
         "keys": [it["key"] for it in items],
@@ -225,16 +243,29 @@ class AudioLoader:
             raise ValueError(f"{cfg.shards}: the shard index lists no samples; check the build report there")
         if not cfg.train and len(names) < self.world * max(1, cfg.num_workers):
             warnings.warn(f"{cfg.shards}: {len(names)} shards for {self.world * max(1, cfg.num_workers)} readers; some read nothing")
-        self.dataset = ShardStream(cfg, names, self.rank, self.world)
+        self.manifests = self._check_labels()
+        teachers = {m["teacher"]: (folder, m["codebooks"]) for folder, m in zip(cfg.labels, self.manifests)}
+        self.dataset = ShardStream(cfg, names, self.rank, self.world, teachers)
         self.loader = StatefulDataLoader(
             self.dataset, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers,
             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None, drop_last=cfg.train,
             persistent_workers=False,
         )
 
+    def _check_labels(self) -> list[dict]:
+        manifests = [check_labels(folder, self.index, self.cfg.shards) for folder in self.cfg.labels]
+        names = [m["teacher"] for m in manifests]
+        if len(set(names)) < len(names):
+            raise ValueError(f"StreamConfig.labels {self.cfg.labels}: two folders hold the same teacher ({names}); keep one")
+        for folder, manifest in zip(self.cfg.labels, manifests):
+            if manifest.get("random_init"):
+                warnings.warn(f"{folder}: teacher {manifest['teacher']} was a random-init model (tests only)")
+        return manifests
+
     def __iter__(self) -> Iterator[dict]:
         for batch in self.loader:
             batch["audio"] = batch["audio"].float().mul_(1 / 32768)  # int16 PCM -> [-1, 1)
+            batch["labels"] = {name: codes.long() for name, codes in batch["labels"].items()}  # -1: no label
             yield batch
 
     def state_dict(self) -> dict:

@@ -24,7 +24,7 @@ from data.cluster import rank_world
 from data.files import atomic_write_json, read_json
 from data.index import read_index
 from data.tar import read_samples
-from teachers.labels import (code_dtype, sidecar_path, summary_path, teacher_identity, try_write_manifest,
+from data.labels import (code_dtype, sidecar_path, summary_path, teacher_identity, try_write_manifest,
                              write_sidecar)
 
 _worker_teacher = None

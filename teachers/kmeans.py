@@ -14,7 +14,7 @@ standardises them and trains FAISS k-means on all sampled frames. It writes
 (settings, inertia, sample counts, hash), which marks the fit done; a re-run
 with the same settings does nothing.
 `dump` assigns every frame of every shard to its nearest centroid in torch
-(CPU or GPU) and writes sidecars as described in teachers.labels.
+(CPU or GPU) and writes sidecars as described in data.labels.
 """
 from __future__ import annotations
 

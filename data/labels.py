@@ -104,6 +104,10 @@ def check_labels(labels_dir: str, index: dict, shard_dir: str, config_hash: str 
     return manifest
 
 
+class LabelError(Exception):
+    """Labels that do not fit their audio: never skipped like a bad sample, always fatal."""
+
+
 class SidecarReader:
     """Codes of one teacher by (shard, key), keeping the last few sidecars open."""
 
@@ -111,14 +115,23 @@ class SidecarReader:
         self.labels_dir, self.name, self.codebooks, self.keep_open = labels_dir, name, codebooks, keep_open
         self.open: dict[str, Any] = {}
 
+    def crop(self, shard: str, key: str, num_samples: int, offset: int, count: int) -> np.ndarray:
+        """Codes [count // 320, codebooks] of the crop of `count` samples at `offset`; -1 past the segment's end."""
+        frames = count // FRAME_SAMPLES
+        start = offset // FRAME_SAMPLES
+        codes = self.codes(shard, key, num_samples)[start:start + frames]
+        out = np.full((frames, self.codebooks), -1, dtype=codes.dtype)
+        out[: len(codes)] = codes
+        return out
+
     def codes(self, shard: str, key: str, num_samples: int) -> np.ndarray:
         """[frames, codebooks] for the whole segment; a frame count that does not match its audio is an error."""
         npz = self._sidecar(shard)
         if key not in npz.files:
-            raise KeyError(f"{sidecar_path(self.labels_dir, shard)}: teacher {self.name} has no codes for sample {key}; re-run the dump.")
+            raise LabelError(f"{sidecar_path(self.labels_dir, shard)}: teacher {self.name} has no codes for sample {key}; re-run the dump.")
         codes = npz[key]
         if codes.shape != (num_samples // FRAME_SAMPLES, self.codebooks):
-            raise ValueError(
+            raise LabelError(
                 f"{sidecar_path(self.labels_dir, shard)}: teacher {self.name} codes for {key} have shape {codes.shape}, "
                 f"but {num_samples} samples need ({num_samples // FRAME_SAMPLES}, {self.codebooks}); the labels are misaligned."
             )
