@@ -21,7 +21,7 @@ import sys
 import torch
 
 from data.audio import FRAME_SAMPLES
-from teachers.dump import dump, format_report
+from teachers.dump import dump, format_report, restart_with_tuned_malloc
 
 WEIGHTS_NAME = "encodec_24khz-d7cc33bc.th"
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/encodec/v0/" + WEIGHTS_NAME
@@ -126,4 +126,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    restart_with_tuned_malloc("teachers.encodec")
     main()

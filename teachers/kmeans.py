@@ -39,7 +39,7 @@ from tqdm import tqdm
 from data.files import atomic_write_bytes, atomic_write_json, read_json
 from data.index import read_index
 from data.tar import read_samples
-from teachers.dump import dump, format_report
+from teachers.dump import dump, format_report, restart_with_tuned_malloc
 from teachers.features import FeatureConfig, FeatureExtractor
 from teachers.reservoir import Reservoir
 
@@ -222,4 +222,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    restart_with_tuned_malloc("teachers.kmeans")
     main()
