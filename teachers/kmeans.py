@@ -121,6 +121,28 @@ def sample_frames(cfg: KMeansConfig, index: dict) -> tuple[dict[str, Reservoir],
     return reservoirs, segments
 
 
+def kmeans_plusplus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Greedy k-means++ seeding (as scikit-learn's): each new centre is the best of 2 + log(k) candidates
+    drawn in proportion to the squared distance to the nearest centre so far. FAISS's own start is k random
+    frames, which left log-mel k=300 about 6% above scikit-learn's inertia; from this start it is no worse."""
+    rng = np.random.default_rng(seed)
+    norms = np.einsum("ij,ij->i", x, x)
+    trials = 2 + int(np.log(k))
+
+    def sq_dist(centres: np.ndarray) -> np.ndarray:  # [len(centres), n]
+        return np.maximum(norms[None] - 2 * centres @ x.T + np.einsum("ij,ij->i", centres, centres)[:, None], 0)
+
+    chosen = [int(rng.integers(len(x)))]
+    closest = sq_dist(x[chosen])[0]
+    for _ in range(1, k):
+        candidates = rng.choice(len(x), size=trials, p=closest / closest.sum())
+        options = np.minimum(closest[None], sq_dist(x[candidates]))
+        best = int(options.sum(axis=1).argmin())
+        chosen.append(int(candidates[best]))
+        closest = options[best]
+    return np.ascontiguousarray(x[chosen])
+
+
 def train_kmeans(x: np.ndarray, k: int, iterations: int, seed: int, normalize: bool, what: str) -> dict:
     if len(x) < k:
         raise SystemExit(f"{what}: only {len(x)} frames sampled for k={k}; use more audio, a larger "
@@ -130,7 +152,7 @@ def train_kmeans(x: np.ndarray, k: int, iterations: int, seed: int, normalize: b
     xn = np.ascontiguousarray((x - mean) / std, dtype=np.float32)
     # max_points_per_centroid: use every sampled frame (FAISS would otherwise subsample to 256 k).
     km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, max_points_per_centroid=len(x) // k + 1, verbose=False)
-    km.train(xn)
+    km.train(xn, init_centroids=kmeans_plusplus(xn, k, seed))
     return {"centroids": km.centroids.astype(np.float32), "mean": mean.astype(np.float32),
             "std": std.astype(np.float32), "inertia": float(km.obj[-1]), "frames": len(x)}
 
