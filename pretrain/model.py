@@ -1,0 +1,191 @@
+"""The MERT/HuBERT encoder: waveform conv extractor -> projection -> conv positions -> transformer.
+
+24 kHz audio goes through 7 strided convolutions (total stride 320) to 75 Hz
+frames; frame t of the conv output starts at sample 320 t, so it lines up
+with label frame t (the last partial frames are dropped by the convs).
+Blocks are Pre-LN (MERT-330M) or Post-LN (MERT-95M, HuBERT base).
+Attention uses `scaled_dot_product_attention`; with `attention_relax > 0`
+it takes an explicit path that cannot overflow in fp16 (see `relaxed_attention`).
+
+This module knows nothing of training, data, files or launchers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    conv_layers: tuple[tuple[int, int, int], ...] = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
+    conv_norm: str = "group"  # "group": GroupNorm on the first conv only (HuBERT base); "layer": LayerNorm after each
+    dim: int = 768
+    layers: int = 12
+    heads: int = 12
+    ffn_dim: int = 3072
+    pre_ln: bool = False
+    pos_conv_kernel: int = 128
+    pos_conv_groups: int = 16
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    feature_dropout: float = 0.0  # on the projected conv features
+    layerdrop: float = 0.05
+    feature_grad_mult: float = 0.1  # scales the conv extractor's gradient (1.0: plain)
+    attention_relax: float = 0.0  # alpha > 0: the overflow-proof explicit attention (fp16)
+
+    @property
+    def stride(self) -> int:
+        return math.prod(s for _, _, s in self.conv_layers)
+
+
+def conv_frames(num_samples: torch.Tensor | int, cfg: EncoderConfig):
+    """Frames the conv extractor makes from `num_samples` samples (works on ints and tensors)."""
+    for _, kernel, stride in cfg.conv_layers:
+        num_samples = (num_samples - kernel) // stride + 1
+    return num_samples
+
+
+class ConvExtractor(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        blocks, channels = [], 1
+        for i, (out, kernel, stride) in enumerate(cfg.conv_layers):
+            norm = (nn.GroupNorm(out, out) if cfg.conv_norm == "group" and i == 0 else
+                    _ChannelLayerNorm(out) if cfg.conv_norm == "layer" else nn.Identity())
+            blocks.append(nn.Sequential(nn.Conv1d(channels, out, kernel, stride, bias=False), norm, nn.GELU()))
+            channels = out
+        if cfg.conv_norm not in ("group", "layer"):
+            raise ValueError(f"EncoderConfig.conv_norm={cfg.conv_norm!r}: use 'group' or 'layer'")
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:  # [B, N] -> [B, C, T]
+        return self.blocks(audio[:, None])
+
+
+class _ChannelLayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, T]: normalise over C
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class ConvPositions(nn.Module):
+    """Relative positions from a wide grouped convolution (weight-normalised), added to its input."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        conv = nn.Conv1d(cfg.dim, cfg.dim, cfg.pos_conv_kernel, padding=cfg.pos_conv_kernel // 2, groups=cfg.pos_conv_groups)
+        nn.init.normal_(conv.weight, mean=0, std=math.sqrt(4 / (cfg.pos_conv_kernel * cfg.dim)))
+        nn.init.zeros_(conv.bias)
+        self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+        self.trim = 1 if cfg.pos_conv_kernel % 2 == 0 else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+        y = self.conv(x.transpose(1, 2))
+        y = y[..., : y.shape[-1] - self.trim]
+        return x + F.gelu(y).transpose(1, 2)
+
+
+def relaxed_attention(q, k, v, alpha: float, attend: torch.Tensor | None, dropout: float = 0.0):
+    """Softmax(q k^T / sqrt(d)) v without fp16 overflow: the product is formed from q / alpha (so it stays
+    small), its row maximum is subtracted, and only then, in fp32, is it multiplied back by alpha.
+    `attend` is a bool mask broadcastable to [B, H, T, T] (True: may attend)."""
+    scores = (q / (alpha * math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
+    if attend is not None:
+        scores = scores.masked_fill(~attend, torch.finfo(scores.dtype).min)
+    scores = scores - scores.amax(dim=-1, keepdim=True)
+    weights = torch.softmax(scores.float() * alpha, dim=-1)
+    weights = F.dropout(weights, dropout, training=dropout > 0)
+    return weights.to(v.dtype) @ v
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        if cfg.dim % cfg.heads:
+            raise ValueError(f"EncoderConfig: dim {cfg.dim} is not a multiple of heads {cfg.heads}")
+        self.heads, self.relax, self.dropout = cfg.heads, cfg.attention_relax, cfg.attention_dropout
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.out = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        dropout = self.dropout if self.training else 0.0
+        if self.relax > 0:
+            y = relaxed_attention(q, k, v, self.relax, attend, dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.pre_ln = cfg.pre_ln
+        self.attn, self.ln1, self.ln2 = SelfAttention(cfg), nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(), nn.Dropout(cfg.activation_dropout),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
+        if self.pre_ln:
+            x = x + self.drop(self.attn(self.ln1(x), attend))
+            return x + self.drop(self.ffn(self.ln2(x)))
+        x = self.ln1(x + self.drop(self.attn(x, attend)))
+        return self.ln2(x + self.drop(self.ffn(x)))
+
+
+class Encoder(nn.Module):
+    """forward(audio [B, N], lengths [B] | None, mask [B, T] | None) -> dict (see `forward`)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        conv_dim = cfg.conv_layers[-1][0]
+        self.extractor = ConvExtractor(cfg)
+        self.feature_norm = nn.LayerNorm(conv_dim)
+        self.projection = nn.Linear(conv_dim, cfg.dim)
+        self.mask_embedding = nn.Parameter(torch.empty(cfg.dim).uniform_())
+        self.positions = ConvPositions(cfg)
+        self.norm = nn.LayerNorm(cfg.dim)  # before the blocks (Post-LN) or after them (Pre-LN)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.feature_dropout, self.dropout = nn.Dropout(cfg.feature_dropout), nn.Dropout(cfg.dropout)
+
+    def frames(self, num_samples):
+        return conv_frames(num_samples, self.cfg)
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                all_layers: bool = False) -> dict:
+        """Returns {"x": [B, T, D], "features": conv features [B, T, C] (for the feature penalty),
+        "padding": [B, T] bool (True: padding) or None, "layers": [x after each block] if all_layers}."""
+        features = self.extractor(audio).transpose(1, 2)
+        mult = self.cfg.feature_grad_mult
+        if mult != 1.0 and self.training:
+            features = features * mult + features.detach() * (1 - mult)
+        features = self.feature_norm(features)
+        x = self.feature_dropout(self.projection(features))
+        padding = None
+        if lengths is not None:
+            padding = torch.arange(x.shape[1], device=x.device)[None] >= self.frames(lengths)[:, None]
+        if mask is not None:
+            x = torch.where(mask[..., None], self.mask_embedding.to(x.dtype), x)
+        if padding is not None:
+            x = x.masked_fill(padding[..., None], 0.0)
+        x = self.positions(x)
+        if not self.cfg.pre_ln:
+            x = self.norm(x)
+        x = self.dropout(x)
+        attend = None if padding is None else ~padding[:, None, None, :]
+        layers = []
+        for block in self.blocks:
+            if not (self.training and self.cfg.layerdrop > 0 and torch.rand(()) < self.cfg.layerdrop):
+                x = block(x, attend)
+            if all_layers:
+                layers.append(x)
+        if self.cfg.pre_ln:
+            x = self.norm(x)
+        return {"x": x, "features": features, "padding": padding, "layers": layers}

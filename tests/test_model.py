@@ -1,0 +1,83 @@
+"""The encoder: frame counts, padding, attention relaxation in fp16, preset sizes, gradients."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.model import Encoder, EncoderConfig, conv_frames, relaxed_attention
+
+TINY = EncoderConfig(conv_layers=((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2, dim=48, layers=2, heads=4,
+                     ffn_dim=96, pos_conv_kernel=16, pos_conv_groups=4, conv_norm="layer",
+                     dropout=0.0, attention_dropout=0.0, layerdrop=0.0)
+
+
+def test_stride_is_320_and_frame_counts_match_the_output():
+    assert TINY.stride == 320 and EncoderConfig().stride == 320
+    assert conv_frames(120000, EncoderConfig()) == 374  # 5 s at 24 kHz, as HF HubertModel with MERT's convs
+    model = Encoder(TINY).eval()
+    for samples in (400, 3200, 24000, 24321, 120000):
+        out = model(torch.randn(2, samples))
+        assert out["x"].shape == (2, conv_frames(samples, TINY), 48)
+        assert out["features"].shape == (2, conv_frames(samples, TINY), 32)
+
+
+def test_padded_items_match_running_them_alone():
+    torch.manual_seed(0)
+    model = Encoder(TINY).eval()
+    long, short = torch.randn(24000), torch.randn(15000)
+    batch = torch.stack([long, F.pad(short, (0, 9000))])
+    with torch.no_grad():
+        out = model(batch, lengths=torch.tensor([24000, 15000]))
+        alone = model(short[None])
+    frames = conv_frames(15000, TINY)
+    assert out["padding"][1].sum() == out["x"].shape[1] - frames
+    torch.testing.assert_close(out["x"][1, :frames], alone["x"][0], atol=1e-4, rtol=1e-4)
+
+
+def test_relaxed_attention_stays_finite_where_fp16_overflows():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 64) for _ in range(3))
+    q, k = q * 60, k * 60  # products reach ~ 60 * 60 * 64 / 8 = 29k > fp16 range after summing
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
+    naive_scores = (q.half() @ k.half().transpose(-2, -1)) / 8
+    assert not torch.isfinite(naive_scores).all()  # the reference's order overflows before it can relax
+    relaxed = relaxed_attention(q.half(), k.half(), v.half(), alpha=32.0, attend=None).float()
+    assert torch.isfinite(relaxed).all()
+    torch.testing.assert_close(relaxed, exact, atol=2e-2, rtol=2e-2)
+
+
+def test_relaxed_path_equals_sdpa_in_fp32():
+    torch.manual_seed(0)
+    model = Encoder(TINY).eval()
+    relaxed = Encoder(dataclasses.replace(TINY, attention_relax=32.0)).eval()
+    relaxed.load_state_dict(model.state_dict())
+    audio = torch.randn(2, 8000)
+    lengths = torch.tensor([8000, 5000])
+    with torch.no_grad():
+        torch.testing.assert_close(relaxed(audio, lengths)["x"], model(audio, lengths)["x"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg, reference", [
+    (EncoderConfig(), 94.4e6),
+    (EncoderConfig(dim=1024, layers=24, heads=16, ffn_dim=4096, pre_ln=True, conv_norm="layer"), 315.4e6),
+])
+def test_presets_have_the_reference_sizes(cfg, reference):
+    with torch.device("meta"):
+        count = sum(p.numel() for p in Encoder(cfg).parameters())
+    print(f"{cfg.layers}x{cfg.dim}: {count / 1e6:.1f}M parameters (reference {reference / 1e6:.1f}M)")
+    assert abs(count / reference - 1) < 0.03
+
+
+def test_every_parameter_gets_a_gradient_and_all_layers_come_back():
+    model = Encoder(dataclasses.replace(TINY, pre_ln=True)).train()
+    audio = torch.randn(2, 8000)
+    mask = torch.zeros(2, conv_frames(8000, TINY), dtype=torch.bool)
+    mask[:, 3:9] = True
+    out = model(audio, mask=mask, all_layers=True)
+    assert len(out["layers"]) == 2
+    (out["x"].pow(2).mean() + out["features"].pow(2).mean()).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
