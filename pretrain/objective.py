@@ -1,0 +1,133 @@
+"""MERT's objective around the encoder: noise mixup, span masking, per-stream masked prediction, CQT reconstruction.
+
+    objective = Objective(ObjectiveConfig(), encoder, codebook_sizes={"encodec": [1024] * 8})
+    loss, logs = objective(audio, lengths, {"encodec": codes [B, T_labels, 8]})
+
+Frames: labels are at 75 Hz (label frame t = samples [320 t, 320 t + 320));
+the encoder gives T = conv_frames(N) frames, one or two fewer than N // 320,
+whose frame t sees samples [320 t, 320 t + 400): encoder frame t takes label
+frame t, and the trailing label frames are dropped (`align`). nnAudio's CQT
+is centred (frame j centred on sample 320 j, N // 320 + 1 frames): encoder
+frame t takes CQT frame t + 1, centred on sample 320 t + 320, inside its
+receptive field. Targets are always computed from the clean audio.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.model import Encoder
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    mask_prob: float = 0.8  # span-start rate (HuBERT semantics: spans of mask_length start at this rate / mask_length)
+    mask_length: int = 5
+    proj_dim: int = 64  # 128 for MERT-330M
+    temperature: float = 0.1
+    cqt_weight: float = 1.0  # 0 disables the CQT head
+    cqt_bins: int = 336
+    cqt_bins_per_octave: int = 48
+    cqt_fmin: float = 32.7
+    feature_penalty: float = 10.0
+    mixup_prob: float = 0.5  # chance that an item gets noise segments from other items
+    mixup_segments: tuple[int, int] = (1, 3)
+    mixup_seconds: tuple[float, float] = (0.5, 1.0)
+    sample_rate: int = 24000
+    hop: int = 320
+
+
+def span_mask(valid: torch.Tensor, total: int, prob: float, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B, total] bool: per item, int(prob * valid / length + U[0, 1)) spans of `length` frames start at
+    distinct random frames of its valid part (HuBERT/fairseq semantics; spans may overlap)."""
+    mask = torch.zeros(len(valid), total, dtype=torch.bool)
+    for i, frames in enumerate(valid.tolist()):
+        starts_possible = frames - length + 1
+        if starts_possible <= 0:
+            continue
+        spans = min(int(prob * frames / length + torch.rand((), generator=generator)), starts_possible)
+        starts = torch.randperm(starts_possible, generator=generator)[:spans]
+        mask[i, (starts[:, None] + torch.arange(length)).flatten()] = True
+    return mask
+
+
+def noise_mixup(audio: torch.Tensor, lengths: torch.Tensor, cfg: ObjectiveConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A copy of `audio` where each item, with probability cfg.mixup_prob, has 1-3 segments of 0.5-1 s from
+    other items of the batch added at random positions (within its real length)."""
+    mixed, batch = audio.clone(), len(audio)
+    if batch < 2:
+        return mixed
+    for i in range(batch):
+        if torch.rand((), generator=generator) >= cfg.mixup_prob:
+            continue
+        for _ in range(int(torch.randint(cfg.mixup_segments[0], cfg.mixup_segments[1] + 1, (), generator=generator))):
+            other = (i + int(torch.randint(1, batch, (), generator=generator))) % batch
+            low, high = cfg.mixup_seconds
+            seconds = low + (high - low) * float(torch.rand((), generator=generator))
+            size = min(int(seconds * cfg.sample_rate), int(lengths[i]), int(lengths[other]))
+            src = int(torch.randint(0, int(lengths[other]) - size + 1, (), generator=generator))
+            dst = int(torch.randint(0, int(lengths[i]) - size + 1, (), generator=generator))
+            mixed[i, dst:dst + size] += audio[other, src:src + size]
+    return mixed
+
+
+class CodewordHead(nn.Module):
+    """Logits = cosine(projection of h, learned codeword embeddings) / temperature, one codebook."""
+
+    def __init__(self, dim: int, proj_dim: int, size: int, temperature: float):
+        super().__init__()
+        self.proj = nn.Linear(dim, proj_dim)
+        self.codewords = nn.Parameter(torch.randn(size, proj_dim) * proj_dim ** -0.5)
+        self.temperature = temperature
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [M, D] -> [M, size]
+        return F.normalize(self.proj(h).float(), dim=-1) @ F.normalize(self.codewords.float(), dim=-1).T / self.temperature
+
+
+class Objective(nn.Module):
+    def __init__(self, cfg: ObjectiveConfig, encoder: Encoder, codebook_sizes: dict[str, list[int]]):
+        super().__init__()
+        self.cfg, self.encoder = cfg, encoder
+        dim = encoder.cfg.dim
+        self.heads = nn.ModuleDict({
+            f"{stream}_{book}": CodewordHead(dim, cfg.proj_dim, size, cfg.temperature)
+            for stream, sizes in codebook_sizes.items() for book, size in enumerate(sizes)
+        })
+        self.cqt = None
+        if cfg.cqt_weight > 0:
+            from nnAudio.features import CQT2010v2
+
+            self.cqt = CQT2010v2(sr=cfg.sample_rate, hop_length=cfg.hop, fmin=cfg.cqt_fmin, n_bins=cfg.cqt_bins,
+                                 bins_per_octave=cfg.cqt_bins_per_octave, output_format="Magnitude", verbose=False)
+            self.cqt_head = nn.Linear(dim, cfg.cqt_bins)
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor, labels: dict[str, torch.Tensor],
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        frames = int(self.encoder.frames(audio.shape[1]))
+        valid = self.encoder.frames(lengths).clamp(min=0)
+        mask = span_mask(valid, frames, self.cfg.mask_prob, self.cfg.mask_length, generator).to(audio.device)
+        noisy = noise_mixup(audio, lengths, self.cfg, generator) if self.training else audio
+        out = self.encoder(noisy, lengths, mask)
+        h = out["x"][mask]  # [M, D]: masked frames only
+        logs, loss = {"masked_frames": float(mask.sum())}, out["features"].float().pow(2).mean() * self.cfg.feature_penalty
+        logs["feature_penalty"] = float(loss)
+        for stream, codes in labels.items():
+            targets = codes[:, :frames][mask]  # label frame t -> encoder frame t
+            for book in range(targets.shape[1]):
+                logits = self.heads[f"{stream}_{book}"](h)
+                ce = F.cross_entropy(logits, targets[:, book], ignore_index=-1)
+                loss = loss + ce
+                logs[f"loss/{stream}_{book}"] = float(ce)
+                known = targets[:, book] >= 0
+                logs[f"acc/{stream}_{book}"] = float((logits.argmax(-1)[known] == targets[known, book]).float().mean())
+        if self.cqt is not None:
+            with torch.no_grad():
+                cqt = self.cqt(audio.float()).transpose(1, 2)[:, 1:frames + 1]  # CQT frame t + 1 -> encoder frame t
+            mse = F.mse_loss(self.cqt_head(h).float(), cqt[mask])
+            loss = loss + self.cfg.cqt_weight * mse
+            logs["loss/cqt"] = float(mse)
+        logs["loss"] = float(loss)
+        return loss, logs
