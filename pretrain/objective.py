@@ -105,29 +105,30 @@ class Objective(nn.Module):
             self.cqt_head = nn.Linear(dim, cfg.cqt_bins)
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor, labels: dict[str, torch.Tensor],
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its parts as detached tensors (no device sync here; the trainer reads them when it logs)."""
         frames = int(self.encoder.frames(audio.shape[1]))
         valid = self.encoder.frames(lengths).clamp(min=0)
         mask = span_mask(valid, frames, self.cfg.mask_prob, self.cfg.mask_length, generator).to(audio.device)
         noisy = noise_mixup(audio, lengths, self.cfg, generator) if self.training else audio
         out = self.encoder(noisy, lengths, mask)
         h = out["x"][mask]  # [M, D]: masked frames only
-        logs, loss = {"masked_frames": float(mask.sum())}, out["features"].float().pow(2).mean() * self.cfg.feature_penalty
-        logs["feature_penalty"] = float(loss)
+        logs, loss = {"masked_frames": mask.sum()}, out["features"].float().pow(2).mean() * self.cfg.feature_penalty
+        logs["feature_penalty"] = loss.detach()
         for stream, codes in labels.items():
             targets = codes[:, :frames][mask]  # label frame t -> encoder frame t
             for book in range(targets.shape[1]):
                 logits = self.heads[f"{stream}_{book}"](h)
                 ce = F.cross_entropy(logits, targets[:, book], ignore_index=-1)
                 loss = loss + ce
-                logs[f"loss/{stream}_{book}"] = float(ce)
+                logs[f"loss/{stream}_{book}"] = ce.detach()
                 known = targets[:, book] >= 0
-                logs[f"acc/{stream}_{book}"] = float((logits.argmax(-1)[known] == targets[known, book]).float().mean())
+                logs[f"acc/{stream}_{book}"] = (logits.detach().argmax(-1)[known] == targets[known, book]).float().mean()
         if self.cqt is not None:
             with torch.no_grad():
                 cqt = self.cqt(audio.float()).transpose(1, 2)[:, 1:frames + 1]  # CQT frame t + 1 -> encoder frame t
             mse = F.mse_loss(self.cqt_head(h).float(), cqt[mask])
             loss = loss + self.cfg.cqt_weight * mse
-            logs["loss/cqt"] = float(mse)
-        logs["loss"] = float(loss)
+            logs["loss/cqt"] = mse.detach()
+        logs["loss"] = loss.detach()
         return loss, logs
