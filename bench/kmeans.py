@@ -7,7 +7,7 @@
 Needs the `bench` extra (`pip install -e '.[bench]'`, pins scikit-learn).
 
 It generates the demo corpus (data.demo) in a temporary folder, decodes every
-track with soundfile, downmixes to mono, resamples to 24 kHz with soxr and
+track to mono 24 kHz as the sharder does (data.audio.stream_mono: soundfile + soxr) and
 computes teacher features (teachers.features), then subsamples `--frames`
 frames with a seeded RNG. Cases:
   logmel   229-d log-mel, k=300   (MERT v0's log-mel stream)
@@ -69,28 +69,21 @@ import time  # noqa: E402
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import sklearn  # noqa: E402
-import soundfile as sf  # noqa: E402
-import soxr  # noqa: E402
 import torch  # noqa: E402
 from sklearn.cluster import MiniBatchKMeans  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from data import demo  # noqa: E402
+from data.audio import SAMPLE_RATE, stream_mono  # noqa: E402
 from teachers.features import FeatureConfig, FeatureExtractor  # noqa: E402
 from teachers.kmeans import train_kmeans  # noqa: E402
-
-SAMPLE_RATE = 24000
 
 
 def load_corpus(minutes: float, seed: int) -> list[np.ndarray]:
     """The demo corpus as mono 24 kHz float32 tracks."""
     with tempfile.TemporaryDirectory() as folder:
         records = demo.generate(folder, minutes=minutes, seed=seed)
-        tracks = []
-        for record in records:
-            audio, sr = sf.read(os.path.join(folder, record["file"]), dtype="float32", always_2d=True)
-            tracks.append(soxr.resample(audio.mean(axis=1), sr, SAMPLE_RATE).astype(np.float32))
-    return tracks
+        return [np.concatenate(list(stream_mono(os.path.join(folder, record["file"])))) for record in records]
 
 
 def sample_features(tracks: list[np.ndarray], features: dict, frames: int, seed: int) -> np.ndarray:

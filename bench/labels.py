@@ -9,7 +9,8 @@ threads, interleaved over --rounds rounds, and prints audio-seconds per
 second per core (median) next to raw FLAC decoding of the same segments.
 EnCodec runs randomly initialised: the same network and cost as the
 pretrained model, whose paper reports about 10x real time on one CPU core.
-It runs with the malloc settings the dump CLIs use (teachers.dump.MALLOC_ENV);
+It runs with the malloc settings the dump CLIs use (teachers.dump.MALLOC_ENV, unless
+MUSICPT_NO_MALLOC_TUNING is set);
 --default-malloc measures without them.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from data.audio import SAMPLE_RATE  # noqa: E402
 from data.index import read_index  # noqa: E402
 from data.shards import ShardConfig, build  # noqa: E402
 from data.tar import read_samples  # noqa: E402
-from teachers.dump import MALLOC_ENV  # noqa: E402
+from teachers.dump import restart_with_tuned_malloc  # noqa: E402
 from teachers.encodec import EncodecTeacher  # noqa: E402
 from teachers.kmeans import KMeansTeacher, fit, load_config  # noqa: E402
 
@@ -104,7 +105,6 @@ def main() -> None:
 if __name__ == "__main__":
     if "--default-malloc" in sys.argv:
         sys.argv.remove("--default-malloc")
-    elif not all(os.environ.get(k) for k in MALLOC_ENV):  # as the dump CLIs run: settings act only from the start
-        os.environ.update(MALLOC_ENV)
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+    else:
+        restart_with_tuned_malloc(sys.argv)  # as the dump CLIs run
     main()

@@ -31,11 +31,6 @@ class Member:
     def open(self, buffer_size: int = 1 << 16) -> io.BufferedReader:
         return io.BufferedReader(MemberFile(self), buffer_size)
 
-    def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            return f.read(self.size)
-
 
 class MemberFile(io.RawIOBase):
     """A read-only, seekable file over one member of a tar file."""

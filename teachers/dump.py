@@ -35,12 +35,13 @@ _worker_teacher = None
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36), "MALLOC_TOP_PAD_": str(1 << 30)}
 
 
-def restart_with_tuned_malloc(module: str) -> None:
-    """Re-run this CLI (`python -m module ...`) once with MALLOC_ENV set; workers inherit it. No-op if set."""
+def restart_with_tuned_malloc(args: list[str]) -> None:
+    """Re-run this process as `python *args` once with MALLOC_ENV set; workers inherit it.
+    No-op when it is already set or MUSICPT_NO_MALLOC_TUNING is."""
     if all(os.environ.get(k) for k in MALLOC_ENV) or os.environ.get("MUSICPT_NO_MALLOC_TUNING"):
         return
     os.environ.update({k: os.environ.get(k) or v for k, v in MALLOC_ENV.items()})
-    os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
+    os.execv(sys.executable, [sys.executable, *args])
 
 
 def label_shard(teacher, shard_dir: str, labels_dir: str, shard: str) -> dict:
@@ -135,7 +136,7 @@ def codebook_usage(summaries: list[dict], sizes: list[int], cardinality: int) ->
     usage = []
     for counts, size in zip(histogram, sizes):
         p = counts[counts > 0] / max(counts.sum(), 1)
-        usage.append({"used": int((counts > 0).sum()), "of": size, "entropy_bits": float(-(p * np.log2(p)).sum()) + 0.0})
+        usage.append({"used": int((counts > 0).sum()), "of": size, "entropy_bits": float(-(p * np.log2(p)).sum()) + 0.0})  # + 0.0: no "-0.00"
     return usage
 
 

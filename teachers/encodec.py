@@ -126,5 +126,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    restart_with_tuned_malloc("teachers.encodec")
+    restart_with_tuned_malloc(["-m", "teachers.encodec", *sys.argv[1:]])
     main()

@@ -244,5 +244,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    restart_with_tuned_malloc("teachers.kmeans")
+    restart_with_tuned_malloc(["-m", "teachers.kmeans", *sys.argv[1:]])
     main()
