@@ -87,7 +87,10 @@ class EncodecTeacher:
         self.model = model.eval().to(device)
         self.device, self.random_init = torch.device(device), random_init
         self.codebooks = BANDWIDTH_CODEBOOKS[float(bandwidth)]
-        self.config_hash = hashlib.sha256(f"{state_hash(model)} {float(bandwidth)}".encode()).hexdigest()
+        # A random-init model is named by its seed: its codebooks come from running the encoder, whose float
+        # results (so a hash of the weights) vary with the thread count, and a re-run must match its folder.
+        weights_id = f"random-init seed {seed}" if random_init else state_hash(model)
+        self.config_hash = hashlib.sha256(f"{weights_id} {float(bandwidth)}".encode()).hexdigest()
 
     def encode(self, wave: torch.Tensor) -> torch.Tensor:
         frames = len(wave) // FRAME_SAMPLES

@@ -191,3 +191,15 @@ def test_encodec_without_weights_says_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)  # as on a machine without internet
     with pytest.raises(SystemExit, match="network is unreachable.*pass --weights PATH"):
         EncodecTeacher()
+
+
+def test_random_init_encodec_has_the_same_hash_at_any_thread_count():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = EncodecTeacher(random_init=True).config_hash
+        torch.set_num_threads(2)
+        assert EncodecTeacher(random_init=True).config_hash == one  # so a re-run can finish its labels folder
+    finally:
+        torch.set_num_threads(threads)
+    assert EncodecTeacher(random_init=True, seed=1).config_hash != one
