@@ -50,6 +50,21 @@ def conv_frames(num_samples: torch.Tensor | int, cfg: EncoderConfig):
     return num_samples
 
 
+def training_flops(cfg: EncoderConfig, num_samples: int) -> float:
+    """Forward + backward FLOPs (3 x 2 x multiply-adds) of one clip of `num_samples`: conv extractor,
+    projection, positional conv, transformer matmuls and attention; norms and heads left out.
+    MERT-95M: ~66 GF per audio-second at 5 s crops, MERT-330M ~171 GF."""
+    macs, samples, channels = 0, num_samples, 1
+    for out, kernel, stride in cfg.conv_layers:
+        samples = (samples - kernel) // stride + 1
+        macs += out * channels * kernel * samples
+        channels = out
+    frames, dim = samples, cfg.dim
+    macs += frames * channels * dim + frames * dim * dim // cfg.pos_conv_groups * cfg.pos_conv_kernel
+    macs += cfg.layers * frames * (4 * dim * dim + 2 * dim * cfg.ffn_dim + 2 * frames * dim)
+    return 6.0 * macs
+
+
 class ConvExtractor(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -139,6 +154,13 @@ class Block(nn.Module):
         return self.ln2(x + self.drop(self.ffn(x)))
 
 
+def layerdrop_choice(rate: float, layers: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[layers] bool, True: skip that block this step. A CPU tensor: deciding costs no device sync."""
+    if rate <= 0:
+        return torch.zeros(layers, dtype=torch.bool)
+    return torch.rand(layers, generator=generator) < rate
+
+
 class Encoder(nn.Module):
     """forward(audio [B, N], lengths [B] | None, mask [B, T] | None) -> dict (see `forward`)."""
 
@@ -159,9 +181,11 @@ class Encoder(nn.Module):
         return conv_frames(num_samples, self.cfg)
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                all_layers: bool = False) -> dict:
+                all_layers: bool = False, skip: torch.Tensor | None = None) -> dict:
         """Returns {"x": [B, T, D], "features": conv features [B, T, C] (for the feature penalty),
-        "padding": [B, T] bool (True: padding) or None, "layers": [x after each block] if all_layers}."""
+        "padding": [B, T] bool (True: padding) or None, "layers": [x after each block] if all_layers}.
+        `skip` ([layers] bool, training only) chooses the layers that layerdrop skips; data-parallel
+        training must pass the same choice on every rank (see `layerdrop_choice`), otherwise it is drawn here."""
         features = self.extractor(audio).transpose(1, 2)
         mult = self.cfg.feature_grad_mult
         if mult != 1.0 and self.training:
@@ -181,8 +205,10 @@ class Encoder(nn.Module):
         x = self.dropout(x)
         attend = None if padding is None else ~padding[:, None, None, :]
         layers = []
-        for block in self.blocks:
-            if not (self.training and self.cfg.layerdrop > 0 and torch.rand(()) < self.cfg.layerdrop):
+        if skip is None:
+            skip = layerdrop_choice(self.cfg.layerdrop, self.cfg.layers)
+        for block, skipped in zip(self.blocks, skip.tolist()):
+            if not (self.training and skipped):
                 x = block(x, attend)
             if all_layers:
                 layers.append(x)

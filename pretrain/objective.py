@@ -41,37 +41,50 @@ class ObjectiveConfig:
 
 
 def span_mask(valid: torch.Tensor, total: int, prob: float, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B, total] bool: per item, int(prob * valid / length + U[0, 1)) spans of `length` frames start at
-    distinct random frames of its valid part (HuBERT/fairseq semantics; spans may overlap)."""
-    mask = torch.zeros(len(valid), total, dtype=torch.bool)
-    for i, frames in enumerate(valid.tolist()):
-        starts_possible = frames - length + 1
-        if starts_possible <= 0:
-            continue
-        spans = min(int(prob * frames / length + torch.rand((), generator=generator)), starts_possible)
-        starts = torch.randperm(starts_possible, generator=generator)[:spans]
-        mask[i, (starts[:, None] + torch.arange(length)).flatten()] = True
+    """[B, total] bool on valid's device: per item, int(prob * valid / length + U[0, 1)) spans of `length` frames
+    start at distinct random frames of its valid part (HuBERT/fairseq semantics; spans may overlap).
+    Vectorised, no host sync: random numbers come from `generator` on the CPU and are moved to the device."""
+    device, batch = valid.device, len(valid)
+    starts_possible = (valid - length + 1).clamp(min=0)
+    spans = (prob * valid / length + torch.rand(batch, generator=generator).to(device)).long()
+    spans = torch.minimum(spans, starts_possible)
+    scores = torch.rand(batch, total, generator=generator).to(device)
+    scores = scores.masked_fill(torch.arange(total, device=device) >= starts_possible[:, None], 2.0)
+    starts = scores.argsort(dim=1).argsort(dim=1) < spans[:, None]  # the `spans` lowest scores among possible starts
+    mask = starts.clone()
+    for shift in range(1, min(length, total)):
+        mask[:, shift:] |= starts[:, :-shift]
     return mask
 
 
 def noise_mixup(audio: torch.Tensor, lengths: torch.Tensor, cfg: ObjectiveConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """A copy of `audio` where each item, with probability cfg.mixup_prob, has 1-3 segments of 0.5-1 s from
-    other items of the batch added at random positions (within its real length)."""
-    mixed, batch = audio.clone(), len(audio)
-    if batch < 2:
-        return mixed
-    for i in range(batch):
-        if torch.rand((), generator=generator) >= cfg.mixup_prob:
-            continue
-        for _ in range(int(torch.randint(cfg.mixup_segments[0], cfg.mixup_segments[1] + 1, (), generator=generator))):
-            other = (i + int(torch.randint(1, batch, (), generator=generator))) % batch
-            low, high = cfg.mixup_seconds
-            seconds = low + (high - low) * float(torch.rand((), generator=generator))
-            size = min(int(seconds * cfg.sample_rate), int(lengths[i]), int(lengths[other]))
-            src = int(torch.randint(0, int(lengths[other]) - size + 1, (), generator=generator))
-            dst = int(torch.randint(0, int(lengths[i]) - size + 1, (), generator=generator))
-            mixed[i, dst:dst + size] += audio[other, src:src + size]
-    return mixed
+    other items of the batch added at random positions (within both items' real lengths).
+    Vectorised, no host sync: all segments are gathered and added with one index_add_."""
+    batch, samples = audio.shape
+    if batch < 2 or cfg.mixup_prob <= 0:
+        return audio.clone()
+    device, g = audio.device, generator
+    (low_count, high_count), (low, high) = cfg.mixup_segments, cfg.mixup_seconds
+    chosen = torch.rand(batch, generator=g) < cfg.mixup_prob
+    count = torch.randint(low_count, high_count + 1, (batch,), generator=g)
+    active = chosen[:, None] & (torch.arange(high_count) < count[:, None])  # [B, S]: which segment slots are used
+    other = (torch.arange(batch)[:, None] + torch.randint(1, batch, (batch, high_count), generator=g)) % batch
+    seconds = low + (high - low) * torch.rand(batch, high_count, generator=g)
+    where = torch.rand(2, batch, high_count, generator=g)
+    active, other, seconds, where = (t.to(device) for t in (active, other, seconds, where))
+    own, theirs = lengths[:, None], lengths[other]
+    size = torch.minimum((seconds * cfg.sample_rate).long(), torch.minimum(own, theirs)) * active
+    src = torch.minimum((where[0] * (theirs - size + 1)).long(), theirs - size)
+    dst = torch.minimum((where[1] * (own - size + 1)).long(), own - size)
+    offsets = torch.arange(int(high * cfg.sample_rate) + 1, device=device)
+    keep = offsets < size[..., None]  # [B, S, M]
+    last = batch * samples - 1
+    src_index = ((other * samples + src)[..., None] + offsets).clamp(max=last)
+    dst_index = ((torch.arange(batch, device=device)[:, None] * samples + dst)[..., None] + offsets).clamp(max=last)
+    flat = audio.reshape(-1)
+    added = flat[src_index] * keep
+    return flat.clone().index_add_(0, dst_index.reshape(-1), added.reshape(-1)).view(batch, samples)
 
 
 class CodewordHead(nn.Module):
@@ -105,13 +118,15 @@ class Objective(nn.Module):
             self.cqt_head = nn.Linear(dim, cfg.cqt_bins)
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor, labels: dict[str, torch.Tensor],
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and its parts as detached tensors (no device sync here; the trainer reads them when it logs)."""
+                generator: torch.Generator | None = None, skip: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its parts as detached tensors (no device sync here; the trainer reads them when it logs).
+        `generator` draws masks and mixup (per rank); `skip` is the layerdrop choice (the same on every rank)."""
         frames = int(self.encoder.frames(audio.shape[1]))
         valid = self.encoder.frames(lengths).clamp(min=0)
-        mask = span_mask(valid, frames, self.cfg.mask_prob, self.cfg.mask_length, generator).to(audio.device)
+        mask = span_mask(valid, frames, self.cfg.mask_prob, self.cfg.mask_length, generator)
         noisy = noise_mixup(audio, lengths, self.cfg, generator) if self.training else audio
-        out = self.encoder(noisy, lengths, mask)
+        out = self.encoder(noisy, lengths, mask, skip=skip)
         h = out["x"][mask]  # [M, D]: masked frames only
         logs, loss = {"masked_frames": mask.sum()}, out["features"].float().pow(2).mean() * self.cfg.feature_penalty
         logs["feature_penalty"] = loss.detach()

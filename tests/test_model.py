@@ -81,3 +81,25 @@ def test_every_parameter_gets_a_gradient_and_all_layers_come_back():
     (out["x"].pow(2).mean() + out["features"].pow(2).mean()).backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
+
+
+def test_training_flops_match_the_mert_anchors():
+    from pretrain.model import training_flops
+    large = EncoderConfig(conv_norm="layer", dim=1024, layers=24, heads=16, ffn_dim=4096, pre_ln=True)
+    assert abs(training_flops(EncoderConfig(), 120000) / 5 / 66e9 - 1) < 0.03
+    assert abs(training_flops(large, 122880) / 5.12 / 171e9 - 1) < 0.03
+
+
+def test_layerdrop_follows_the_given_choice():
+    from pretrain.model import layerdrop_choice
+    model = Encoder(dataclasses.replace(TINY, layerdrop=0.5)).train()
+    audio = torch.randn(1, 3200)
+    none_skipped = torch.zeros(2, dtype=torch.bool)
+    torch.manual_seed(0)
+    a = model(audio, skip=none_skipped)["x"]
+    b = model(audio, skip=torch.tensor([True, False]))["x"]
+    c = model(audio, skip=none_skipped)["x"]
+    assert torch.equal(a, c) and not torch.equal(a, b)
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731: one seed, the same choice on every rank
+    assert torch.equal(layerdrop_choice(0.5, 12, g()), layerdrop_choice(0.5, 12, g()))
+    assert not layerdrop_choice(0.0, 12).any() and 0 < layerdrop_choice(0.5, 1000).float().mean() < 1

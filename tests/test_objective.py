@@ -92,3 +92,14 @@ def test_same_seed_same_loss():
     a = objective(seed=3).train()(audio, lengths, labels, torch.Generator().manual_seed(5))[0]
     b = objective(seed=3).train()(audio, lengths, labels, torch.Generator().manual_seed(5))[0]
     assert torch.equal(a, b)
+
+
+def test_mixup_adds_one_contiguous_segment_of_another_item():
+    cfg = dataclasses.replace(ObjectiveConfig(), mixup_prob=1.0, mixup_segments=(1, 1), mixup_seconds=(0.5, 1.0))
+    audio = torch.arange(1.0, 5.0)[:, None].repeat(1, 48000)  # item i is the constant i + 1
+    mixed = noise_mixup(audio, torch.full((4,), 48000), cfg, torch.Generator().manual_seed(3))
+    for i in range(4):
+        added = mixed[i] - audio[i]
+        where = added.nonzero().flatten()
+        assert 12000 <= len(where) <= 24000 and int(where[-1] - where[0]) + 1 == len(where)
+        assert len(added[where].unique()) == 1 and float(added[where][0]) in {1.0, 2.0, 3.0, 4.0} - {i + 1.0}

@@ -1,0 +1,127 @@
+"""The run configuration: one typed schema, read from a YAML preset with `key=value` overrides.
+
+    cfg = load_config("configs/mert_95m.yaml", ["train.steps=1000", "data.batch_size=4"])
+
+Precedence: command-line overrides > the YAML file > the dataclass defaults
+below. Keys that the schema does not know, and values of the wrong type,
+are errors that name the key. `cfg` is a plain `RunConfig` of frozen
+dataclasses; `to_yaml(cfg)` is what a run saves beside its checkpoints.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.stream import StreamConfig
+from pretrain.model import EncoderConfig
+from pretrain.objective import ObjectiveConfig
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-4  # peak, reached at the end of warmup
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_steps: int = 32000  # linear from 0
+    decay: str = "poly"  # "poly": (1 - progress) ** power down to end_lr; "cosine"
+    power: float = 1.0
+    end_lr: float = 0.0
+    clip: float = 10.0  # gradient norm clip; 0 turns it off
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/run"  # resumed automatically when it holds checkpoints
+    steps: int = 400000  # optimizer updates
+    grad_accum: int = 1  # micro-batches per update; global batch = data.batch_size x grad_accum x world
+    precision: str = "fp16"  # "fp32", "bf16" or "fp16" (dynamic loss scale; GPU only)
+    zero_stage: int = 1
+    seed: int = 0
+    log_every: int = 100
+    save_every: int = 2000  # steps; also on SIGTERM / SIGUSR1
+    keep: int = 3  # newest checkpoints kept
+    max_nonfinite: int = 20  # consecutive skipped steps (non-finite loss, or fp16 overflow at the floor) before stopping
+    initial_scale_power: int = 16  # fp16: the loss scale starts at 2 ** this
+    min_loss_scale: float = 1.0  # fp16: overflows at this scale count towards max_nonfinite
+    peak_tflops: float = 0.0  # per device, for MFU; 0: from the GPU's name (none on CPU)
+    force_resume: bool = False  # resume even where the saved config differs in a way that matters
+    log_samples: bool = False  # write every batch's keys and offsets per rank (tests, debugging)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: StreamConfig = field(default_factory=lambda: StreamConfig(shards="???"))  # ???: must be set
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Schema defaults, then the YAML file at `path`, then `key=value` overrides; typed and checked."""
+    where = path or "the defaults"
+    try:
+        merged = OmegaConf.structured(RunConfig)
+        if path is not None:
+            if not os.path.isfile(path):
+                raise ConfigError(f"{path}: no such config file (presets are in configs/, e.g. configs/tiny.yaml)")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        bad = [item for item in overrides if "=" not in item]
+        if bad:
+            raise ConfigError(f"overrides {bad}: write them as key=value, e.g. train.steps=1000")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{where}: no value for {', '.join(missing)}; set it in the file or as key=value")
+        cfg = _typed(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        raise ConfigError(f"{where} (overrides {list(overrides)}): key {key!r}: {error}".split("\n")[0]) from None
+    check(cfg, where)
+    return cfg
+
+
+def check(cfg: RunConfig, where: str) -> None:
+    try:
+        cfg.data.check()
+    except ValueError as error:
+        raise ConfigError(f"{where}: data: {error}") from None
+    if not cfg.data.labels:
+        raise ConfigError(f"{where}: data.labels is empty; name at least one teacher's label folder, "
+                          "e.g. 'data.labels=[SHARDS/labels/encodec]' (made by python -m teachers.encodec dump)")
+    choices = {"train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
+               "optim.decay": (cfg.optim.decay, ("poly", "cosine")),
+               "train.zero_stage": (cfg.train.zero_stage, (0, 1, 2)),
+               "model.conv_norm": (cfg.model.conv_norm, ("group", "layer"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{where}: {key}={value!r}; use one of {allowed}")
+    if cfg.model.dim % cfg.model.heads:
+        raise ConfigError(f"{where}: model.dim={cfg.model.dim} is not a multiple of model.heads={cfg.model.heads}")
+    for key in ("train.steps", "train.grad_accum", "train.log_every", "train.save_every", "train.keep"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"{where}: {key} must be at least 1")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(asdict(cfg)))
+
+
+def from_yaml(text: str) -> RunConfig:
+    """A saved run config (the checkpoint's config.yaml), checked against the schema like a preset."""
+    return _typed(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text)))
+
+
+def _typed(merged) -> RunConfig:
+    cfg = OmegaConf.to_object(merged)
+    conv_layers = tuple(tuple(layer) for layer in cfg.model.conv_layers)  # OmegaConf leaves inner lists
+    return replace(cfg, model=replace(cfg.model, conv_layers=conv_layers))

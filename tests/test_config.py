@@ -1,0 +1,48 @@
+"""Run configs: presets, precedence, and errors that name the key."""
+from __future__ import annotations
+
+import pytest
+
+from pretrain.config import ConfigError, from_yaml, load_config, to_yaml
+from pretrain.model import Encoder
+
+PATHS = ["data.shards=/data/shards", "data.labels=[/data/shards/labels/encodec]"]
+
+
+def test_presets_hold_the_mert_reference_settings():
+    base, large = load_config("configs/mert_95m.yaml", PATHS), load_config("configs/mert_330m.yaml", PATHS)
+    assert (base.model.dim, base.model.layers, base.model.pre_ln, base.objective.proj_dim) == (768, 12, False, 64)
+    assert (large.model.dim, large.model.layers, large.model.pre_ln, large.objective.proj_dim) == (1024, 24, True, 128)
+    assert large.model.attention_relax == 32 and large.model.layerdrop == 0 and large.model.feature_grad_mult == 1.0
+    assert (base.optim.lr, base.optim.clip, large.optim.lr, large.optim.clip) == (5e-4, 10.0, 1.5e-3, 1.0)
+    assert base.data.crop_seconds == 5.0 and large.data.crop_seconds == 5.12 and large.objective.mixup_seconds == (0.5, 1.5)
+    assert base.model.conv_layers == large.model.conv_layers and base.model.stride == 320
+    tiny = load_config("configs/tiny.yaml")
+    assert sum(p.numel() for p in Encoder(tiny.model).parameters()) < 500_000
+
+
+def test_overrides_win_and_the_saved_config_reads_back():
+    cfg = load_config("configs/tiny.yaml", ["train.steps=7", "model.layers=3", "optim.betas=[0.8,0.9]"])
+    assert (cfg.train.steps, cfg.model.layers, cfg.optim.betas, cfg.model.dim) == (7, 3, (0.8, 0.9), 64)
+    assert from_yaml(to_yaml(cfg)) == cfg
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["train.stepz=3"], "train.stepz"),
+    (["train.steps=many"], "train.steps"),
+    (["train.precision=fp8"], "train.precision"),
+    (["steps"], "key=value"),
+    (["model.heads=5"], "model.heads"),
+    (["data.labels=[]"], "data.labels"),
+    (["data.crop_seconds=1.001"], "crop_seconds"),
+])
+def test_bad_settings_name_the_key(overrides, words):
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        load_config("configs/tiny.yaml", overrides)
+
+
+def test_unset_paths_and_missing_files_are_named():
+    with pytest.raises(ConfigError, match="data.shards"):
+        load_config("configs/mert_95m.yaml")
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config("configs/nope.yaml")
