@@ -182,7 +182,8 @@ class Encoder(nn.Module):
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 all_layers: bool = False, skip: torch.Tensor | None = None) -> dict:
-        """Returns {"x": [B, T, D], "features": conv features [B, T, C] (for the feature penalty),
+        """Returns {"x": [B, T, D], "features": conv features [B, T, C] before
+        their layer norm (for the feature penalty, as in HuBERT),
         "padding": [B, T] bool (True: padding) or None, "layers": [x after each block] if all_layers}.
         `skip` ([layers] bool, training only) chooses the layers that layerdrop skips; data-parallel
         training must pass the same choice on every rank (see `layerdrop_choice`), otherwise it is drawn here."""
@@ -190,8 +191,7 @@ class Encoder(nn.Module):
         mult = self.cfg.feature_grad_mult
         if mult != 1.0 and self.training:
             features = features * mult + features.detach() * (1 - mult)
-        features = self.feature_norm(features)
-        x = self.feature_dropout(self.projection(features))
+        x = self.feature_dropout(self.projection(self.feature_norm(features)))
         padding = None
         if lengths is not None:
             padding = torch.arange(x.shape[1], device=x.device)[None] >= self.frames(lengths)[:, None]

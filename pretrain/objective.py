@@ -109,13 +109,22 @@ class Objective(nn.Module):
             f"{stream}_{book}": CodewordHead(dim, cfg.proj_dim, size, cfg.temperature)
             for stream, sizes in codebook_sizes.items() for book, size in enumerate(sizes)
         })
-        self.cqt = None
+        self._cqt = None  # a fixed transform kept outside the module tree (see `cqt`)
         if cfg.cqt_weight > 0:
             from nnAudio.features import CQT2010v2
 
-            self.cqt = CQT2010v2(sr=cfg.sample_rate, hop_length=cfg.hop, fmin=cfg.cqt_fmin, n_bins=cfg.cqt_bins,
-                                 bins_per_octave=cfg.cqt_bins_per_octave, output_format="Magnitude", verbose=False)
+            self._cqt = [CQT2010v2(sr=cfg.sample_rate, hop_length=cfg.hop, fmin=cfg.cqt_fmin, n_bins=cfg.cqt_bins,
+                                   bins_per_octave=cfg.cqt_bins_per_octave, output_format="Magnitude", verbose=False)]
             self.cqt_head = nn.Linear(dim, cfg.cqt_bins)
+
+    def cqt(self, audio: torch.Tensor) -> torch.Tensor:
+        """[B, N] -> magnitude CQT [B, bins, N // hop + 1] in fp32 on audio's device. Its kernels are not part
+        of the module: precision casts (DeepSpeed's bf16/fp16) and checkpoints leave them alone."""
+        transform = self._cqt[0]
+        first = next(transform.buffers())
+        if first.device != audio.device:
+            transform.to(audio.device)
+        return transform(audio.float())
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor, labels: dict[str, torch.Tensor],
                 generator: torch.Generator | None = None, skip: torch.Tensor | None = None,
@@ -126,7 +135,7 @@ class Objective(nn.Module):
         valid = self.encoder.frames(lengths).clamp(min=0)
         mask = span_mask(valid, frames, self.cfg.mask_prob, self.cfg.mask_length, generator)
         noisy = noise_mixup(audio, lengths, self.cfg, generator) if self.training else audio
-        out = self.encoder(noisy, lengths, mask, skip=skip)
+        out = self.encoder(noisy.to(self.encoder.projection.weight.dtype), lengths, mask, skip=skip)
         h = out["x"][mask]  # [M, D]: masked frames only
         logs, loss = {"masked_frames": mask.sum()}, out["features"].float().pow(2).mean() * self.cfg.feature_penalty
         logs["feature_penalty"] = loss.detach()
@@ -139,9 +148,9 @@ class Objective(nn.Module):
                 logs[f"loss/{stream}_{book}"] = ce.detach()
                 known = targets[:, book] >= 0
                 logs[f"acc/{stream}_{book}"] = (logits.detach().argmax(-1)[known] == targets[known, book]).float().mean()
-        if self.cqt is not None:
+        if self._cqt is not None:
             with torch.no_grad():
-                cqt = self.cqt(audio.float()).transpose(1, 2)[:, 1:frames + 1]  # CQT frame t + 1 -> encoder frame t
+                cqt = self.cqt(audio).transpose(1, 2)[:, 1:frames + 1]  # CQT frame t + 1 -> encoder frame t
             mse = F.mse_loss(self.cqt_head(h).float(), cqt[mask])
             loss = loss + self.cfg.cqt_weight * mse
             logs["loss/cqt"] = mse.detach()

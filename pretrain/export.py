@@ -1,0 +1,93 @@
+"""Weights-only encoder export: `python -m pretrain.export --ckpt RUN_DIR_OR_CHECKPOINT --out model.pt`.
+
+The file holds the encoder's fp32 weights (no prediction heads, no
+optimizer), its config and the step; `load_encoder(path)` rebuilds it
+without DeepSpeed, with `torch.load(weights_only=True)`:
+
+    from pretrain.export import load_encoder
+    encoder = load_encoder("model.pt").eval()
+    out = encoder(audio_24khz, all_layers=True)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from dataclasses import asdict
+
+import torch
+
+from pretrain.checkpoint import find_problem, newest
+from pretrain.config import from_yaml
+from pretrain.model import Encoder, EncoderConfig
+
+FORMAT = "musicpt-encoder-v1"
+
+
+def checkpoint_folder(path: str) -> str:
+    """A run directory (its newest complete checkpoint) or one checkpoint folder."""
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return newest(path)
+    problem = find_problem(path)
+    if problem:
+        raise FileNotFoundError(f"{path}: not a run directory or a complete checkpoint ({problem})")
+    return path
+
+
+def fp32_weights(folder: str, precision: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The model's weights from a DeepSpeed checkpoint: the fp32 master copy where training was mixed precision."""
+    if precision != "fp32" and zero_stage >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        root, tag = os.path.split(os.path.abspath(folder))
+        return get_fp32_state_dict_from_zero_checkpoint(root, tag)
+    if precision != "fp32":
+        warnings.warn(f"{folder}: {precision} training with ZeRO stage 0; exporting the {precision} weights as fp32")
+    states = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    return {name: tensor.float() for name, tensor in states["module"].items()}
+
+
+def export(ckpt: str, out: str) -> dict:
+    folder = checkpoint_folder(ckpt)
+    with open(os.path.join(folder, "config.yaml")) as file:
+        cfg = from_yaml(file.read())
+    weights = fp32_weights(folder, cfg.train.precision, cfg.train.zero_stage)
+    encoder = {name[len("encoder."):]: t.contiguous() for name, t in weights.items() if name.startswith("encoder.")}
+    Encoder(cfg.model).load_state_dict(encoder)  # strict: every weight present and shaped right
+    with open(os.path.join(folder, "complete.json")) as file:
+        step = json.load(file)["step"]
+    payload = {"format": FORMAT, "config": json.dumps(asdict(cfg.model)), "step": step, "state_dict": encoder}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    torch.save(payload, out + ".tmp")
+    os.replace(out + ".tmp", out)
+    return {"checkpoint": folder, "step": step, "parameters": sum(t.numel() for t in encoder.values()), "out": out}
+
+
+def load_encoder(path: str) -> Encoder:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an encoder exported by python -m pretrain.export (format {payload.get('format')!r})")
+    settings = json.loads(payload["config"])
+    settings["conv_layers"] = tuple(tuple(layer) for layer in settings["conv_layers"])
+    encoder = Encoder(EncoderConfig(**settings))
+    encoder.load_state_dict(payload["state_dict"])
+    return encoder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="a run directory (its newest checkpoint) or a checkpoint folder")
+    parser.add_argument("--out", required=True, help="the .pt file to write")
+    args = parser.parse_args(argv)
+    try:
+        report = export(args.ckpt, args.out)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    print(f"exported the encoder of {report['checkpoint']} (step {report['step']}, "
+          f"{report['parameters'] / 1e6:.2f}M parameters) to {report['out']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Pretraining: `python -m pretrain.train --config configs/NAME.yaml [key=value ...]`.
+
+One process per device: run it plainly (a world of one), or under
+`torchrun --nproc_per_node=N -m pretrain.train ...` or the `deepspeed`
+launcher. A run lives in `train.run_dir`; starting again in the same folder
+resumes from its newest valid checkpoint, exactly: model, optimizer,
+schedule, loss scale, data stream position, masking and dropout RNGs.
+SIGTERM or SIGUSR1 (cluster preemption) saves a checkpoint and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from data.files import atomic_write_bytes, atomic_write_json
+from data.stream import AudioLoader
+from pretrain.checkpoint import Checkpointer
+from pretrain.config import ConfigError, RunConfig, from_yaml, load_config, to_yaml
+from pretrain.engine import build_engine, device_for_rank, init_distributed, loss_scale
+from pretrain.metrics import Metrics, console_line, truncate_jsonl
+from pretrain.model import Encoder, layerdrop_choice, training_flops
+from pretrain.objective import Objective
+
+# Settings a resumed run may change; any other difference from the checkpoint's config is refused.
+FREE_TO_CHANGE = ("train.steps", "train.log_every", "train.save_every", "train.keep", "train.max_nonfinite",
+                  "train.peak_tflops", "train.force_resume", "train.log_samples", "train.run_dir",
+                  "train.min_loss_scale", "optim.", "data.shards", "data.prefetch_factor")
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, device: torch.device, rank: int, world: int):
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.run_dir = cfg.train.run_dir
+        self.loader = AudioLoader(cfg.data, rank, world)
+        sizes = {m["teacher"]: m["codebook_sizes"] for m in self.loader.manifests}
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        self.engine = build_engine(Objective(cfg.objective, Encoder(cfg.model), sizes).to(device), cfg)
+        torch.manual_seed(seed_of(cfg.train.seed, rank, 1))  # dropout: its own stream per rank
+        self.generator = torch.Generator().manual_seed(seed_of(cfg.train.seed, rank, 2))  # masks and mixup
+        self.step, self.samples, self.audio_seconds, self.nonfinite = 0, 0, 0.0, 0
+        self.stop_signal, self.consecutive_nonfinite = 0, 0
+        self.checkpointer = Checkpointer(self.run_dir, rank, world, cfg.train.keep)
+        self.resume()
+        self.metrics = Metrics(self.run_dir, rank, self.step)
+        self.samples_log = None
+        if cfg.train.log_samples:
+            self.samples_log = os.path.join(self.run_dir, "samples", f"rank-{rank:05d}.jsonl")
+            os.makedirs(os.path.dirname(self.samples_log), exist_ok=True)
+            truncate_jsonl(self.samples_log, self.step)
+
+    # -- state
+
+    def state_dict(self) -> dict:
+        """This rank's part of a checkpoint (DeepSpeed saves the engine); safe to torch.load(weights_only=True)."""
+        return {"step": self.step, "samples": self.samples, "audio_seconds": self.audio_seconds,
+                "nonfinite": self.nonfinite, "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.empty(0),
+                "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.samples, self.audio_seconds = state["step"], state["samples"], state["audio_seconds"]
+        self.nonfinite = state["nonfinite"]
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state["cuda_rng"].numel():
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        try:
+            self.loader.load_state_dict(state["loader"])
+        except ValueError as error:
+            if not self.cfg.train.force_resume:
+                raise
+            warnings.warn(f"train.force_resume: the data stream starts afresh ({error})")
+
+    def resume(self) -> None:
+        found = self.checkpointer.load_newest(self.engine, self.check_resumable)
+        if found is not None:
+            step, state = found
+            self.load_state_dict(state)
+            self.say(f"resumed from {self.checkpointer.root}/step-{step:08d} (step {self.step}, "
+                     f"{self.audio_seconds / 3600:.2f} h of audio seen)")
+
+    def check_resumable(self, saved_yaml: str, manifest: dict) -> None:
+        saved, now = flatten(asdict(from_yaml(saved_yaml))), flatten(asdict(self.cfg))
+        differ = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+                  if saved.get(k) != now.get(k) and not k.startswith(FREE_TO_CHANGE)}
+        if manifest["world"] != self.world:
+            differ["world size"] = (manifest["world"], self.world)
+        if differ and not self.cfg.train.force_resume:
+            what = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
+            raise ConfigError(f"{self.run_dir}: its checkpoints were made with other settings ({what}). Use another "
+                              "train.run_dir for a new run, or pass train.force_resume=true to continue anyway.")
+
+    def save(self) -> None:
+        folder = self.checkpointer.save(self.engine, self.step, self.state_dict(), to_yaml(self.cfg))
+        self.say(f"checkpoint {folder}")
+
+    # -- training
+
+    def fit(self) -> str:
+        """Trains to train.steps (or until a stop signal); returns "finished" or "stopped"."""
+        cfg = self.cfg.train
+        batches, started, last_log = iter(self.loader), time.perf_counter(), (self.step, time.perf_counter())
+        self.data_wait, self.interval_audio, self.interval_crops = 0.0, 0.0, 0
+        start_step = self.step
+        while self.step < cfg.steps and not self.stop_signal:
+            self.train_step(batches)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self.log(last_log, (cfg.steps - self.step) * (time.perf_counter() - started) / (self.step - start_step))
+                last_log = (self.step, time.perf_counter())
+            if self.step % cfg.save_every == 0 and not self.stop_signal:
+                self.save()
+        if self.step % cfg.save_every or self.stop_signal:
+            self.save()
+        self.metrics.close()
+        return "stopped" if self.stop_signal else "finished"
+
+    def train_step(self, batches) -> None:
+        """One optimizer update: train.grad_accum micro-batches with a finite loss."""
+        done = 0
+        while done < self.cfg.train.grad_accum:
+            waited = time.perf_counter()
+            batch = next(batches)
+            self.data_wait += time.perf_counter() - waited
+            done += self.micro_step(batch, done)
+        self.step += 1
+
+    def micro_step(self, batch: dict, micro: int) -> bool:
+        audio, lengths = batch["audio"].to(self.device), batch["lengths"].to(self.device)
+        labels = {name: codes.to(self.device) for name, codes in batch["labels"].items()}
+        skip = layerdrop_choice(self.cfg.model.layerdrop, self.cfg.model.layers,  # the same on every rank
+                                torch.Generator().manual_seed(seed_of(self.cfg.train.seed, self.step, micro, 3)))
+        loss, logs = self.engine(audio, lengths, labels, self.generator, skip)
+        if self.samples_log:
+            with open(self.samples_log, "a") as file:
+                file.write(json.dumps({"step": self.step + 1, "keys": batch["keys"], "offsets": batch["offsets"].tolist()}) + "\n")
+        if not self.agree_finite(loss):
+            self.skip_nonfinite(batch)
+            return False
+        self.consecutive_nonfinite = 0
+        self.engine.backward(loss)
+        self.engine_step()
+        self.metrics.add(logs)
+        self.samples += len(batch["keys"])
+        seconds = float(batch["lengths"].sum()) / 24000
+        self.audio_seconds += seconds * self.world
+        self.interval_audio += seconds * self.world
+        self.interval_crops += len(batch["keys"]) * self.world
+        return True
+
+    def agree_finite(self, loss: torch.Tensor) -> bool:
+        """All ranks learn whether any loss is non-finite and whether a stop signal arrived (one small all-reduce)."""
+        flags = torch.stack([(~torch.isfinite(loss.detach())).float(), torch.tensor(float(self.stop_signal), device=loss.device)])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        nonfinite, stop = flags.tolist()
+        self.stop_signal = self.stop_signal or int(stop)
+        return not nonfinite
+
+    def skip_nonfinite(self, batch: dict) -> None:
+        self.nonfinite += 1
+        self.consecutive_nonfinite += 1
+        print(f"rank {self.rank}: step {self.step + 1}: non-finite loss, batch skipped (keys {batch['keys']})", flush=True)
+        if self.consecutive_nonfinite >= self.cfg.train.max_nonfinite:
+            raise TrainingError(
+                f"step {self.step + 1}: {self.consecutive_nonfinite} batches in a row gave a non-finite loss "
+                f"(last batch on rank {self.rank}: {batch['keys']}). Lower optim.lr, use train.precision=bf16 or "
+                f"model.attention_relax=32, and resume from the last checkpoint in {self.run_dir}.")
+
+    def engine_step(self) -> None:
+        try:
+            self.engine.step()
+        except Exception as error:
+            if "loss scale" not in str(error).lower():
+                raise
+            raise TrainingError(
+                f"step {self.step + 1}: fp16 gradients still overflow at the minimum loss scale "
+                f"{self.cfg.train.min_loss_scale}; the run would only skip steps from here. Use train.precision=bf16, "
+                "or model.attention_relax=32 and model.pre_ln=true, or a lower optim.lr; then resume.") from error
+
+    def log(self, last_log: tuple[int, float], eta: float) -> None:
+        scalars = self.metrics.reduce()
+        elapsed = time.perf_counter() - last_log[1]
+        scalars.update({
+            "lr": self.engine.get_lr()[0], "audio_seconds_per_second": self.interval_audio / elapsed,
+            "data_wait_fraction": self.data_wait / elapsed, "audio_hours": self.audio_seconds / 3600,
+            "skipped_steps": float(self.engine.skipped_steps + self.nonfinite),
+        })
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            scalars["grad_norm"] = float(norm)
+        if loss_scale(self.engine) is not None:
+            scalars["loss_scale"] = loss_scale(self.engine)
+        peak = self.peak_flops()
+        if peak:
+            flops = training_flops(self.cfg.model, self.cfg.data.crop_samples) * self.interval_crops / elapsed
+            scalars["mfu"] = flops / (peak * self.world)
+        self.data_wait, self.interval_audio, self.interval_crops = 0.0, 0.0, 0
+        self.metrics.write(self.step, scalars)
+        self.say(console_line(self.step, self.cfg.train.steps, scalars, eta))
+
+    def peak_flops(self) -> float:
+        if self.cfg.train.peak_tflops:
+            return self.cfg.train.peak_tflops * 1e12
+        if self.device.type != "cuda":
+            return 0.0
+        name = torch.cuda.get_device_name(self.device)
+        return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), 0.0)
+
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="a preset in configs/, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=1000 data.batch_size=4")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
+    device = device_for_rank()
+    rank, world = init_distributed(device)
+    if rank == 0:
+        os.makedirs(cfg.train.run_dir, exist_ok=True)
+        print(f"# resolved config ({args.config}, {world} process(es) on {device.type})\n{to_yaml(cfg)}", flush=True)
+        atomic_write_bytes(os.path.join(cfg.train.run_dir, "config.yaml"), to_yaml(cfg).encode())
+    try:
+        trainer = Trainer(cfg, device, rank, world)
+
+        def request_stop(signum, frame):
+            trainer.stop_signal = signum
+
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, request_stop)
+        state = trainer.fit()
+    except (TrainingError, ConfigError) as error:
+        sys.exit(f"error (rank {rank}): {error}")
+    if rank == 0:
+        atomic_write_json(os.path.join(cfg.train.run_dir, "status.json"),
+                          {"state": state, "step": trainer.step, "audio_hours": trainer.audio_seconds / 3600})
+        print(f"{state} at step {trainer.step}: checkpoints in {trainer.checkpointer.root}, metrics in "
+              f"{cfg.train.run_dir}/metrics.jsonl, TensorBoard: tensorboard --logdir {cfg.train.run_dir}/tensorboard", flush=True)
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
