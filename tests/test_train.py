@@ -1,0 +1,198 @@
+"""The trainer: exact resume after SIGKILL under 2 processes, checkpoint fallback and refusal, preemption
+signals, export. Each run is the real CLI (`python -m pretrain.train`, `torchrun`) on the tiny preset over a
+one-minute demo corpus with k-means log-mel+chroma labels."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from data import demo
+from data.shards import ShardConfig, build
+from pretrain.config import load_config
+from pretrain.engine import deepspeed_config, lr_factor
+from pretrain.export import load_encoder
+from teachers import dump as dump_stage
+from teachers.kmeans import KMeansConfig, KMeansTeacher, StreamSpec, fit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """One minute of demo music in several shards, labelled by a small log-mel + chroma k-means."""
+    base = tmp_path_factory.mktemp("train")
+    demo.generate(base / "corpus", minutes=1.0, seed=1)
+    shards = str(base / "shards")
+    build(str(base / "corpus" / "audio"), shards, ShardConfig(shard_bytes=300_000))
+    streams = [StreamSpec("logmel", 16, {"kind": "logmel", "n_mels": 64}), StreamSpec("chroma", 8, {"kind": "chroma"})]
+    cfg = KMeansConfig(name="logmel_chroma", shards=shards, out=str(base / "kmeans"), labels=f"{shards}/labels/km",
+                       streams=streams, max_frames=2000)
+    fit(cfg)
+    dump_stage.dump(lambda: KMeansTeacher(cfg.out), shards, cfg.labels)
+    return shards, cfg.labels
+
+
+def overrides(data, run_dir, *extra) -> list[str]:
+    shards, labels = data
+    return [f"data.shards={shards}", f"data.labels=[{labels}]", "data.crop_seconds=1.0", "data.batch_size=2",
+            "data.shuffle_buffer=8", f"train.run_dir={run_dir}", "train.log_every=1", *extra]
+
+
+def command(data, run_dir, *extra, procs: int = 1) -> list[str]:
+    if procs == 1:
+        launcher = [sys.executable, "-m", "pretrain.train"]
+    else:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+                    f"--master_port={port}", "-m", "pretrain.train"]
+    return launcher + ["--config", "configs/tiny.yaml"] + overrides(data, run_dir, *extra)
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def run(cmd: list[str], expect_ok: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    if expect_ok and done.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as file:
+        return [json.loads(line) for line in file]
+
+
+def samples(run_dir, rank: int) -> list[dict]:
+    with open(os.path.join(run_dir, "samples", f"rank-{rank:05d}.jsonl")) as file:
+        return [json.loads(line) for line in file]
+
+
+def final_weights(run_dir, step: int) -> dict:
+    path = os.path.join(run_dir, "checkpoints", f"step-{step:08d}", "mp_rank_00_model_states.pt")
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (torchrun starts its workers in sessions of their own,
+    so killing its process group alone would leave them running; a cluster kills the whole job like this)."""
+    parents = {}
+    for stat in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{stat}/stat") as file:
+                parents[int(stat)] = int(file.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    tree, grew = {pid}, True
+    while grew:
+        more = {child for child, parent in parents.items() if parent in tree} - tree
+        tree, grew = tree | more, bool(more)
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for_step(run_dir, step: int, process: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and any(r["step"] >= step for r in metrics(run_dir)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{run_dir}: never reached step {step} (exit code {process.poll()})")
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(data, tmp_path):
+    steps, extra = 12, ("train.steps=12", "train.save_every=3", "train.log_samples=true")
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run(command(data, straight, *extra, procs=2))
+
+    kill_at = random.Random().randint(4, 10)
+    print(f"killing the second run at step {kill_at}")
+    process = subprocess.Popen(command(data, interrupted, *extra, procs=2), cwd=ROOT, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(interrupted, kill_at, process)
+    finally:
+        kill_tree(process.pid)
+        process.wait()
+    resumed = run(command(data, interrupted, *extra, procs=2))
+    resumed_at = int(re.search(r"resumed from \S+step-(\d+)", resumed.stdout).group(1))
+    assert resumed_at < steps  # the kill landed before the end
+
+    a, b = metrics(straight), metrics(interrupted)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
+    for row_a, row_b in zip(a, b):
+        assert abs(row_a["loss"] - row_b["loss"]) <= 1e-6, (row_a["step"], row_a["loss"], row_b["loss"])
+    wa, wb = final_weights(straight, steps), final_weights(interrupted, steps)
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
+    for rank in (0, 1):  # the data stream neither repeats nor skips samples
+        assert samples(straight, rank) == samples(interrupted, rank)
+    keys = [tuple(row["keys"]) for rank in (0, 1) for row in samples(straight, rank)]
+    assert len(keys) == steps * 2
+
+
+@pytest.mark.slow
+def test_preemption_signal_saves_then_a_corrupt_newest_checkpoint_falls_back(data, tmp_path):
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(command(data, run_dir, "train.steps=200", "train.save_every=100"), cwd=ROOT, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(run_dir, 3, process)
+    process.send_signal(signal.SIGUSR1)  # what SLURM sends before the time limit
+    output, _ = process.communicate(timeout=120)
+    status = json.load(open(run_dir / "status.json"))
+    assert process.returncode == 0 and status["state"] == "stopped" and 3 <= status["step"] < 200, output
+    stopped_at = status["step"]
+    assert os.path.isdir(run_dir / "checkpoints" / f"step-{stopped_at:08d}")
+
+    # Two more steps and a save, then damage that newest checkpoint: the run falls back to the previous one.
+    run(command(data, run_dir, f"train.steps={stopped_at + 2}", "train.save_every=100"))
+    newest = run_dir / "checkpoints" / f"step-{stopped_at + 2:08d}"
+    optim = next(p for p in newest.iterdir() if p.name.endswith("optim_states.pt"))
+    optim.write_bytes(optim.read_bytes()[:1000])
+    os.makedirs(run_dir / "checkpoints" / ".tmp-step-99999999")  # what a save killed half-way leaves
+    again = run(command(data, run_dir, f"train.steps={stopped_at + 3}", "train.save_every=100"))
+    assert f"step-{stopped_at + 2:08d} skipped" in again.stdout and f"step {stopped_at}," in again.stdout
+    assert not os.path.exists(run_dir / "checkpoints" / ".tmp-step-99999999")
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, stopped_at + 4))
+
+    refused = run(command(data, run_dir, "train.steps=50", "model.layers=3"), expect_ok=False)
+    assert refused.returncode and "model.layers: 2 then, 3 now" in refused.stderr
+
+    out = tmp_path / "encoder.pt"
+    run([sys.executable, "-m", "pretrain.export", "--ckpt", str(run_dir), "--out", str(out)])
+    encoder = load_encoder(str(out)).eval()
+    saved = final_weights(run_dir, stopped_at + 3)
+    assert all(torch.equal(saved[f"encoder.{k}"], v) for k, v in encoder.state_dict().items())
+    assert encoder(torch.randn(1, 24000))["x"].shape == (1, 74, 64)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_end_value():
+    cfg = load_config("configs/tiny.yaml", ["optim.warmup_steps=10", "optim.end_lr=1e-4", "optim.lr=1e-3"])
+    factors = [lr_factor(step, cfg.optim, 100) for step in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:])) and factors[100] == pytest.approx(0.1)
+    cosine = load_config("configs/tiny.yaml", ["optim.warmup_steps=10", "optim.decay=cosine"]).optim
+    assert lr_factor(55, cosine, 100) == pytest.approx(0.5) and lr_factor(100, cosine, 100) == pytest.approx(0.0)
+
+
+def test_deepspeed_config_follows_the_run_config():
+    cfg = load_config("configs/tiny.yaml", ["train.precision=fp16", "train.min_loss_scale=0.25", "train.grad_accum=3"])
+    ds = deepspeed_config(cfg)
+    assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"] and ds["fp16"]["min_loss_scale"] == 0.25
+    assert ds["gradient_accumulation_steps"] == 3 and ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
+    assert ds["optimizer"]["params"]["torch_adam"] and ds["gradient_clipping"] == cfg.optim.clip
