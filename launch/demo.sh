@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The whole pipeline, as far as it exists, on the embedded demo corpus, on CPU:
+# The whole pipeline on the embedded demo corpus, on CPU:
 #   demo corpus -> audio shards -> teachers (k-means log-mel+chroma and MFCC: fit + dump;
 #   EnCodec codes from a RANDOM-INIT model, since pretrained weights cannot be downloaded here)
-#   -> one pass of the streaming loader with every teacher's labels joined.
-# Later stages (trainer, probing) join this script as they land.
+#   -> one pass of the streaming loader with every teacher's labels joined
+#   -> pretraining of the tiny preset (CQT head, noise mixup), interrupted by SIGTERM and resumed
+#   -> a summary and a weights-only export of the encoder.
 # Usage: bash launch/demo.sh [WORK_DIR] (default: demo_out/); safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,20 +18,20 @@ fi
 export OMP_NUM_THREADS=1
 
 SHARDS="$WORK/shards"
-echo "== 1/5 demo corpus: 10 minutes of synthetic music in 24 keys"
+echo "== 1/7 demo corpus: 10 minutes of synthetic music in 24 keys"
 "$PY" -m data.demo --out "$WORK/corpus" --minutes 10
-echo "== 2/5 shards: 24 kHz mono FLAC segments in WebDataset tars"
+echo "== 2/7 shards: 24 kHz mono FLAC segments in WebDataset tars"
 "$PY" -m data.shards build --input "$WORK/corpus/audio" --out "$SHARDS" --workers 2 --shard-size 4M
 for teacher in logmel_chroma mfcc; do
-    echo "== 3/5 k-means teacher $teacher: fit, then label every frame"
+    echo "== 3/7 k-means teacher $teacher: fit, then label every frame"
     for stage in fit dump; do
         "$PY" -m teachers.kmeans $stage --config configs/teachers/$teacher.yaml \
             shards="$SHARDS" out="$WORK/teachers/$teacher" --workers 2
     done
 done
-echo "== 4/5 EnCodec teacher (random init: pass --weights PATH for the real codes)"
+echo "== 4/7 EnCodec teacher (random init: pass --weights PATH for the real codes)"
 "$PY" -m teachers.encodec dump --shards "$SHARDS" --random-init --device cpu --workers 2
-echo "== 5/5 streaming loader: one evaluation pass over every sample, labels joined"
+echo "== 5/7 streaming loader: one evaluation pass over every sample, labels joined"
 "$PY" - "$SHARDS" <<'PYEOF'
 import sys, warnings
 from data.stream import AudioLoader, StreamConfig
@@ -45,4 +46,29 @@ print(f"loader: {len(batches)} batches, {sum(len(b['keys']) for b in batches)} c
       f"audio {tuple(batches[0]['audio'].shape)}, labels "
       + ", ".join(f"{name} {tuple(codes.shape)}" for name, codes in batches[0]["labels"].items()))
 PYEOF
-echo "demo done: outputs in $WORK/ (the trainer is not built yet)"
+RUN="$WORK/runs/tiny"
+TRAIN=("$PY" -m pretrain.train --config configs/tiny.yaml data.shards="$SHARDS"
+       "data.labels=[$SHARDS/labels/logmel_chroma]" train.run_dir="$RUN")
+echo "== 6/7 pretraining the tiny preset: 300 steps, stopped by SIGTERM after step 120, then resumed"
+"${TRAIN[@]}" &
+pid=$!
+while kill -0 "$pid" 2>/dev/null && ! grep -qs '"step": 120,' "$RUN/metrics.jsonl"; do sleep 1; done
+kill -TERM "$pid" 2>/dev/null || true  # what a cluster sends before preempting: save a checkpoint, exit
+wait "$pid"
+echo "-- stopped; the same command again resumes from the newest checkpoint"
+"${TRAIN[@]}" | grep -v '^  \|^[a-z_]*:$\|^# resolved'
+echo "== 7/7 summary and export"
+"$PY" -m pretrain.export --ckpt "$RUN" --out "$WORK/encoder.pt"
+"$PY" - "$RUN" <<'PYEOF'
+import json, sys
+run = sys.argv[1]
+rows = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+first, last = rows[0], rows[-1]
+acc = lambda row: sum(v for k, v in row.items() if k.startswith("acc/")) / sum(k.startswith("acc/") for k in row)
+print(f"steps {first['step']} -> {last['step']}: loss {first['loss']:.2f} -> {last['loss']:.2f}, "
+      f"CQT loss {first['loss/cqt']:.3f} -> {last['loss/cqt']:.3f}, masked accuracy {acc(first):.3f} -> {acc(last):.3f}")
+print(f"checkpoints: {run}/checkpoints   metrics: {run}/metrics.jsonl   TensorBoard: tensorboard --logdir {run}/tensorboard")
+if last["loss"] >= first["loss"]:
+    sys.exit("the loss did not fall: something is wrong")
+PYEOF
+echo "demo done: outputs in $WORK/"
