@@ -20,6 +20,7 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data.files import atomic_write_bytes, atomic_write_json
 from data.stream import AudioLoader
@@ -56,7 +57,7 @@ class Trainer:
         torch.manual_seed(seed_of(cfg.train.seed, rank, 1))  # dropout: its own stream per rank
         self.generator = torch.Generator().manual_seed(seed_of(cfg.train.seed, rank, 2))  # masks and mixup
         self.step, self.samples, self.audio_seconds, self.nonfinite = 0, 0, 0.0, 0
-        self.stop_signal, self.consecutive_nonfinite = 0, 0
+        self.stop_signal, self.stop_agreed, self.consecutive_nonfinite = 0, False, 0  # signal seen here / by all ranks
         self.checkpointer = Checkpointer(self.run_dir, rank, world, cfg.train.keep)
         self.resume()
         self.metrics = Metrics(self.run_dir, rank, self.step)
@@ -120,17 +121,19 @@ class Trainer:
         batches, started, last_log = iter(self.loader), time.perf_counter(), (self.step, time.perf_counter())
         self.data_wait, self.interval_audio, self.interval_crops = 0.0, 0.0, 0
         start_step = self.step
-        while self.step < cfg.steps and not self.stop_signal:
+        self.bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                        disable=self.rank != 0 or not sys.stderr.isatty())
+        while self.step < cfg.steps and not self.stop_agreed:  # agreed by every rank: all leave at the same step
             self.train_step(batches)
+            self.bar.update()
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self.log(last_log, (cfg.steps - self.step) * (time.perf_counter() - started) / (self.step - start_step))
                 last_log = (self.step, time.perf_counter())
-            if self.step % cfg.save_every == 0 and not self.stop_signal:
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.stop_agreed:
                 self.save()
-        if self.step % cfg.save_every or self.stop_signal:
-            self.save()
+        self.bar.close()
         self.metrics.close()
-        return "stopped" if self.stop_signal else "finished"
+        return "stopped" if self.stop_agreed else "finished"
 
     def train_step(self, batches) -> None:
         """One optimizer update: train.grad_accum micro-batches with a finite loss."""
@@ -171,7 +174,7 @@ class Trainer:
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         nonfinite, stop = flags.tolist()
-        self.stop_signal = self.stop_signal or int(stop)
+        self.stop_agreed = self.stop_agreed or bool(stop)
         return not nonfinite
 
     def skip_nonfinite(self, batch: dict) -> None:
@@ -226,7 +229,11 @@ class Trainer:
 
     def say(self, text: str) -> None:
         if self.rank == 0:
-            print(text, flush=True)
+            bar = getattr(self, "bar", None)
+            if bar is not None and not bar.disable:
+                bar.write(text)
+            else:
+                print(text, flush=True)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -243,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a preset in configs/, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=1000 data.batch_size=4")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

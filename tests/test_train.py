@@ -196,3 +196,15 @@ def test_deepspeed_config_follows_the_run_config():
     assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"] and ds["fp16"]["min_loss_scale"] == 0.25
     assert ds["gradient_accumulation_steps"] == 3 and ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
     assert ds["optimizer"]["params"]["torch_adam"] and ds["gradient_clipping"] == cfg.optim.clip
+
+
+@pytest.mark.slow
+def test_bf16_zero2_run_exports_its_fp32_master_weights(data, tmp_path):
+    run_dir, out = tmp_path / "bf16", tmp_path / "encoder.pt"
+    run(command(data, run_dir, "train.steps=2", "train.precision=bf16", "train.zero_stage=2"))
+    run([sys.executable, "-m", "pretrain.export", "--ckpt", str(run_dir), "--out", str(out)])
+    exported = load_encoder(str(out)).state_dict()
+    module = final_weights(run_dir, 2)  # what the engine computes with: bf16
+    assert all(module[f"encoder.{k}"].dtype == torch.bfloat16 and v.dtype == torch.float32 for k, v in exported.items())
+    assert all(torch.equal(v.bfloat16(), module[f"encoder.{k}"]) for k, v in exported.items())  # same weights, rounded
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in exported.values())  # and more precise than bf16
