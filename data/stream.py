@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import warnings
 import zlib
 from dataclasses import asdict, dataclass
@@ -228,10 +229,19 @@ def collate(items: list[dict]) -> dict:
 # ---------------------------------------------------------------- the loader
 
 
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A scheduler's SIGTERM/SIGUSR1 reaches every process of the job; shielded workers keep reading so that
+    the training process can finish its step and save a checkpoint. It must stop them with `close()`."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class AudioLoader:
     """A resumable DataLoader over shards for one rank; `state_dict` goes into checkpoints."""
 
-    def __init__(self, cfg: StreamConfig, rank: int | None = None, world: int | None = None):
+    def __init__(self, cfg: StreamConfig, rank: int | None = None, world: int | None = None, shield_workers: bool = False):
+        """shield_workers: worker processes ignore SIGTERM/SIGUSR1 (for a trainer that checkpoints on them);
+        then call `close()` when done, or the interpreter waits for them at exit."""
         cfg.check()
         if rank is None and world is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -249,7 +259,7 @@ class AudioLoader:
         self.loader = StatefulDataLoader(
             self.dataset, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers,
             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None, drop_last=cfg.train,
-            persistent_workers=False,
+            persistent_workers=False, worker_init_fn=leave_stop_signals_to_the_main_process if shield_workers else None,
         )
 
     def _check_labels(self) -> list[dict]:
@@ -267,6 +277,13 @@ class AudioLoader:
             batch["audio"] = batch["audio"].float().mul_(1 / 32768)  # int16 PCM -> [-1, 1)
             batch["labels"] = {name: codes.long() for name, codes in batch["labels"].items()}  # -1: no label
             yield batch
+
+    def close(self) -> None:
+        """Stops the worker processes of the current pass (torchdata keeps its iterator for `state_dict`)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "world": self.world, "rank": self.rank, "num_workers": self.cfg.num_workers,

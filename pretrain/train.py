@@ -50,7 +50,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, device: torch.device, rank: int, world: int):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.run_dir = cfg.train.run_dir
-        self.loader = AudioLoader(cfg.data, rank, world)
+        self.loader = AudioLoader(cfg.data, rank, world, shield_workers=True)
         sizes = {m["teacher"]: m["codebook_sizes"] for m in self.loader.manifests}
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.engine = build_engine(Objective(cfg.objective, Encoder(cfg.model), sizes).to(device), cfg)
@@ -117,6 +117,13 @@ class Trainer:
 
     def fit(self) -> str:
         """Trains to train.steps (or until a stop signal); returns "finished" or "stopped"."""
+        try:
+            return self._fit()
+        finally:
+            self.loader.close()
+            self.metrics.close()
+
+    def _fit(self) -> str:
         cfg = self.cfg.train
         batches, started, last_log = iter(self.loader), time.perf_counter(), (self.step, time.perf_counter())
         self.data_wait, self.interval_audio, self.interval_crops = 0.0, 0.0, 0
@@ -132,7 +139,6 @@ class Trainer:
             if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.stop_agreed:
                 self.save()
         self.bar.close()
-        self.metrics.close()
         return "stopped" if self.stop_agreed else "finished"
 
     def train_step(self, batches) -> None:
@@ -252,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=1000 data.batch_size=4")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*padding with reflection mode.*")  # nnAudio's CQT, every step
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as error:
