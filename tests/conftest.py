@@ -7,6 +7,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from data import demo
+from data.shards import ShardConfig, build
+from teachers import dump as dump_stage
+from teachers.kmeans import KMeansConfig, KMeansTeacher, StreamSpec, fit
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
@@ -31,3 +36,19 @@ def good_corpus(tmp_path):
     write(root / "c.ogg", tone(5, 22050, freq=550, channels=2), 22050, format="OGG", subtype="VORBIS")
     write(root / "six.wav", tone(4, 11025, freq=220, channels=6), 11025)
     return root
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory):
+    """One minute of demo music in several shards, labelled by a small log-mel + chroma k-means:
+    (shards folder, labels folder); the fitted k-means model is in the shards folder's sibling `kmeans`."""
+    base = tmp_path_factory.mktemp("train")
+    demo.generate(base / "corpus", minutes=1.0, seed=1)
+    shards = str(base / "shards")
+    build(str(base / "corpus" / "audio"), shards, ShardConfig(shard_bytes=300_000))
+    streams = [StreamSpec("logmel", 16, {"kind": "logmel", "n_mels": 64}), StreamSpec("chroma", 8, {"kind": "chroma"})]
+    cfg = KMeansConfig(name="logmel_chroma", shards=shards, out=str(base / "kmeans"), labels=f"{shards}/labels/km",
+                       streams=streams, max_frames=2000)
+    fit(cfg)
+    dump_stage.dump(lambda: KMeansTeacher(cfg.out), shards, cfg.labels)
+    return shards, cfg.labels

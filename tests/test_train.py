@@ -16,30 +16,16 @@ import time
 import pytest
 import torch
 
-from data import demo
-from data.shards import ShardConfig, build
 from pretrain.config import load_config
 from pretrain.engine import deepspeed_config, lr_factor
 from pretrain.export import load_encoder
-from teachers import dump as dump_stage
-from teachers.kmeans import KMeansConfig, KMeansTeacher, StreamSpec, fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """One minute of demo music in several shards, labelled by a small log-mel + chroma k-means."""
-    base = tmp_path_factory.mktemp("train")
-    demo.generate(base / "corpus", minutes=1.0, seed=1)
-    shards = str(base / "shards")
-    build(str(base / "corpus" / "audio"), shards, ShardConfig(shard_bytes=300_000))
-    streams = [StreamSpec("logmel", 16, {"kind": "logmel", "n_mels": 64}), StreamSpec("chroma", 8, {"kind": "chroma"})]
-    cfg = KMeansConfig(name="logmel_chroma", shards=shards, out=str(base / "kmeans"), labels=f"{shards}/labels/km",
-                       streams=streams, max_frames=2000)
-    fit(cfg)
-    dump_stage.dump(lambda: KMeansTeacher(cfg.out), shards, cfg.labels)
-    return shards, cfg.labels
+@pytest.fixture
+def data(train_data):
+    return train_data
 
 
 def overrides(data, run_dir, *extra) -> list[str]:
