@@ -18,12 +18,14 @@
 #   --tasks-per-node T (TASKS_PER_NODE; CPU only, else = G)   --cpus-per-task C (CPUS_PER_TASK)
 #   --time D-HH:MM:SS (TIME)          --partition P (PARTITION)   --account A (ACCOUNT)
 #   --job-name NAME (JOB_NAME; default: the config's name)    --run-root DIR (RUN_ROOT; default: runs/)
-#   --signal-seconds S (SIGNAL_SECONDS; default 300)          --python PATH (PYTHON; default .venv/bin/python)
+#   --signal-seconds S (SIGNAL_SECONDS; default 300)          --python CMD (PYTHON; default .venv/bin/python;
+#                                     a command with arguments is fine: "apptainer exec --nv img.sif python")
+#   SRUN_ARGS                         extra srun arguments, e.g. Pyxis: "--container-image=musicpt.sqsh"
 #   --dry-run                         print the sbatch script and command, submit nothing
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit "${1:-2}"; }
 [ $# -ge 1 ] || usage
 case "$1" in -h|--help) usage 0 ;; esac
 CONFIG=$1; shift
@@ -61,7 +63,9 @@ RUN_DIR=$RUN_ROOT/$JOB_NAME  # stable across requeues: the job name, not the job
 for item in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
     case "$item" in train.run_dir=*) RUN_DIR=${item#train.run_dir=} ;; esac
 done
-TRAIN=("$PYTHON" -m pretrain.train --config "$CONFIG_PATH" "${OVERRIDES[@]+"${OVERRIDES[@]}"}" "train.run_dir=$RUN_DIR")
+read -r -a PYTHON_CMD <<< "$PYTHON"
+read -r -a SRUN_EXTRA <<< "${SRUN_ARGS:-}"
+TRAIN=("${PYTHON_CMD[@]}" -m pretrain.train --config "$CONFIG_PATH" "${OVERRIDES[@]+"${OVERRIDES[@]}"}" "train.run_dir=$RUN_DIR")
 
 batch_script() {
     echo "#!/bin/bash"
@@ -111,7 +115,7 @@ forward() {  # the trainers checkpoint at the end of the current step and exit
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
-srun --kill-on-bad-exit=1 bash -c \
+srun --kill-on-bad-exit=1 "${SRUN_EXTRA[@]+"${SRUN_EXTRA[@]}"}" bash -c \
     'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' task "${TRAIN[@]}" &
 srun_pid=$!
 status=0

@@ -16,7 +16,7 @@
 #   --python PATH (PYTHON, default .venv/bin/python) --dry-run (print the sbatch script, submit nothing)
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit "${1:-2}"; }
 [ $# -ge 1 ] || usage
 STAGE=$1; shift
 case "$STAGE" in
@@ -56,8 +56,9 @@ LOG_DIR=$(cd "$LOG_DIR" && pwd)
     echo "#SBATCH --output=$LOG_DIR/teachers-$STAGE-%A_%a.out"
     echo 'export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}'
     echo 'echo "array task $SLURM_ARRAY_TASK_ID of $SLURM_ARRAY_TASK_COUNT on $(hostname)"'
-    printf 'exec %q -m' "$PYTHON"
-    printf ' %q' "${MODULE[@]}" "$@"
+    read -r -a PYTHON_CMD <<< "$PYTHON"  # a command with arguments is fine, e.g. "apptainer exec img.sif python"
+    printf 'exec'
+    printf ' %q' "${PYTHON_CMD[@]}" -m "${MODULE[@]}" "$@"
     [ "$STAGE" = fit ] || printf ' --workers %q' "$CPUS_PER_TASK"
     echo
 } > "$LOG_DIR/teachers-$STAGE.sbatch"

@@ -1,0 +1,52 @@
+"""The cluster image installs what pyproject.toml pins (the Docker engine does not run on CI machines)."""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pins() -> dict[str, str]:
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as file:
+        project = tomllib.load(file)["project"]
+    found = {}
+    for requirement in project["dependencies"]:
+        name, _, version = requirement.partition("==")
+        if version:
+            found[name.lower()] = version
+    return found
+
+
+def dockerfile() -> str:
+    with open(os.path.join(ROOT, "docker", "Dockerfile")) as file:
+        return file.read()
+
+
+def test_base_image_holds_the_pinned_torch():
+    base = re.search(r"^ARG BASE=(\S+)$", dockerfile(), re.M).group(1)
+    image, tag = base.split(":")
+    assert image == "pytorch/pytorch" and "cuda" in tag
+    assert tag.split("-")[0] == pins()["torch"]
+
+
+def test_the_project_is_installed_from_pyproject_and_any_written_pin_agrees():
+    text = dockerfile()
+    assert "COPY pyproject.toml" in text and re.search(r"pip install (\S+ )*\.(\s|$)", text)
+    for name, version in re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s\"']*)", text):
+        assert pins().get(name.lower()) == version, f"docker/Dockerfile pins {name}=={version}; pyproject.toml says {pins().get(name.lower())}"
+
+
+def test_image_runs_as_a_user_with_an_entrypoint_that_exists():
+    text = dockerfile()
+    user = re.findall(r"^USER (\S+)$", text, re.M)
+    assert user and user[-1] not in ("root", "0")
+    entry = re.search(r'^ENTRYPOINT \["([^"]+)"', text, re.M).group(1)
+    local = os.path.join(ROOT, os.path.relpath(entry, "/opt/musicpt"))
+    assert os.access(local, os.X_OK)
+    for folder in ("data", "teachers", "pretrain", "configs", "launch"):
+        assert f"COPY {folder} " in text
