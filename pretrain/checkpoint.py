@@ -78,9 +78,7 @@ class Checkpointer:
     # -- finding and loading
 
     def complete(self) -> list[str]:
-        """Checkpoint names, newest first."""
-        names = [n for n in os.listdir(self.root) if PATTERN.match(n)] if os.path.isdir(self.root) else []
-        return sorted(names, reverse=True)
+        return checkpoint_names(self.root)
 
     def load_newest(self, engine, check_config) -> tuple[int, dict] | None:
         """Loads the newest valid checkpoint into `engine`; returns (step, this rank's state) or None if
@@ -122,6 +120,12 @@ class Checkpointer:
         return bool(flag.item())
 
 
+def checkpoint_names(root: str) -> list[str]:
+    """The renamed (finished) checkpoint folders under `root`, newest first."""
+    names = [n for n in os.listdir(root) if PATTERN.match(n)] if os.path.isdir(root) else []
+    return sorted(names, reverse=True)
+
+
 def find_problem(folder: str) -> str | None:
     """Why the checkpoint in `folder` cannot be loaded (unfinished, missing or truncated files), or None."""
     try:
@@ -140,8 +144,7 @@ def find_problem(folder: str) -> str | None:
 def newest(run_dir: str) -> str:
     """The newest complete checkpoint folder of a run (for export and extraction), or an error that says why."""
     root = os.path.join(run_dir, "checkpoints")
-    names = sorted((n for n in os.listdir(root) if PATTERN.match(n)), reverse=True) if os.path.isdir(root) else []
-    for name in names:
+    for name in checkpoint_names(root):
         if find_problem(os.path.join(root, name)) is None:
             return os.path.join(root, name)
     raise FileNotFoundError(f"{run_dir}: no complete checkpoint under {root}; train first (python -m pretrain.train)")

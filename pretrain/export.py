@@ -49,7 +49,8 @@ def fp32_weights(folder: str, precision: str, zero_stage: int) -> dict[str, torc
     return {name: tensor.float() for name, tensor in states["module"].items()}
 
 
-def export(ckpt: str, out: str) -> dict:
+def checkpoint_encoder(ckpt: str) -> tuple[EncoderConfig, dict[str, torch.Tensor], dict]:
+    """(config, fp32 encoder weights, {"checkpoint", "step"}) of a run directory or checkpoint folder."""
     folder = checkpoint_folder(ckpt)
     with open(os.path.join(folder, "config.yaml")) as file:
         cfg = from_yaml(file.read())
@@ -58,7 +59,25 @@ def export(ckpt: str, out: str) -> dict:
     Encoder(cfg.model).load_state_dict(encoder)  # strict: every weight present and shaped right
     with open(os.path.join(folder, "complete.json")) as file:
         step = json.load(file)["step"]
-    payload = {"format": FORMAT, "config": json.dumps(asdict(cfg.model)), "step": step, "state_dict": encoder}
+    return cfg.model, encoder, {"checkpoint": folder, "step": step, "crop_seconds": cfg.data.crop_seconds}
+
+
+def load_any(path: str) -> tuple[Encoder, dict]:
+    """An fp32 encoder from a file written by `export`, a run directory or a checkpoint folder, with
+    what is known of it ({"checkpoint", "step", "crop_seconds"})."""
+    if os.path.isfile(path):
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return load_encoder(path), {"checkpoint": path, "step": payload.get("step"), "crop_seconds": None}
+    cfg, weights, meta = checkpoint_encoder(path)
+    encoder = Encoder(cfg)
+    encoder.load_state_dict(weights)
+    return encoder, meta
+
+
+def export(ckpt: str, out: str) -> dict:
+    model_cfg, encoder, meta = checkpoint_encoder(ckpt)
+    folder, step = meta["checkpoint"], meta["step"]
+    payload = {"format": FORMAT, "config": json.dumps(asdict(model_cfg)), "step": step, "state_dict": encoder}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save(payload, out + ".tmp")
     os.replace(out + ".tmp", out)

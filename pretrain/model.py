@@ -181,12 +181,14 @@ class Encoder(nn.Module):
         return conv_frames(num_samples, self.cfg)
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                all_layers: bool = False, skip: torch.Tensor | None = None) -> dict:
+                all_layers: bool = False, skip: torch.Tensor | None = None, keep_every: int = 1) -> dict:
         """Returns {"x": [B, T, D], "features": conv features [B, T, C] before
         their layer norm (for the feature penalty, as in HuBERT),
         "padding": [B, T] bool (True: padding) or None, "layers": [x after each block] if all_layers}.
         `skip` ([layers] bool, training only) chooses the layers that layerdrop skips; data-parallel
-        training must pass the same choice on every rank (see `layerdrop_choice`), otherwise it is drawn here."""
+        training must pass the same choice on every rank (see `layerdrop_choice`), otherwise it is drawn here.
+        `keep_every` = T > 1 (inference) keeps 1 of every T frames after the conv extractor (MAEST-style patchout):
+        the transformer sees T times fewer frames; "padding" and the outputs are at the reduced rate."""
         features = self.extractor(audio).transpose(1, 2)
         mult = self.cfg.feature_grad_mult
         if mult != 1.0 and self.training:
@@ -197,6 +199,9 @@ class Encoder(nn.Module):
             padding = torch.arange(x.shape[1], device=x.device)[None] >= self.frames(lengths)[:, None]
         if mask is not None:
             x = torch.where(mask[..., None], self.mask_embedding.to(x.dtype), x)
+        if keep_every > 1:
+            x = x[:, ::keep_every]
+            padding = None if padding is None else padding[:, ::keep_every]
         if padding is not None:
             x = x.masked_fill(padding[..., None], 0.0)
         x = self.positions(x)
