@@ -4,7 +4,7 @@
                            [--threads N] [--seed 0]
     python bench/kmeans.py --frames 200000        # full size (sklearn alone takes ~15 min per case on 2 cores)
 
-scikit-learn is a dependency of the project (the probe uses its metrics).
+Needs the `bench` extra (`pip install -e '.[bench]'`, pins scikit-learn).
 
 It generates the demo corpus (data.demo) in a temporary folder, decodes every
 track to mono 24 kHz as the sharder does (data.audio.stream_mono: soundfile + soxr) and
