@@ -4,7 +4,9 @@
 #   EnCodec codes from a RANDOM-INIT model, since pretrained weights cannot be downloaded here)
 #   -> one pass of the streaming loader with every teacher's labels joined
 #   -> pretraining of the tiny preset (CQT head, noise mixup), interrupted by SIGTERM and resumed
-#   -> a summary and a weights-only export of the encoder.
+#   -> a summary and a weights-only export of the encoder
+#   -> embeddings and MARBLE-style probes (key, instruments, tempo): the trained model against the same
+#      architecture untrained and against MFCC and chroma statistics.
 # Usage: bash launch/demo.sh [WORK_DIR] (default: demo_out/); safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,20 +20,20 @@ fi
 export OMP_NUM_THREADS=1
 
 SHARDS="$WORK/shards"
-echo "== 1/7 demo corpus: 10 minutes of synthetic music in 24 keys"
+echo "== 1/8 demo corpus: 10 minutes of synthetic music in 24 keys"
 "$PY" -m data.demo --out "$WORK/corpus" --minutes 10
-echo "== 2/7 shards: 24 kHz mono FLAC segments in WebDataset tars"
+echo "== 2/8 shards: 24 kHz mono FLAC segments in WebDataset tars"
 "$PY" -m data.shards build --input "$WORK/corpus/audio" --out "$SHARDS" --workers 2 --shard-size 4M
 for teacher in logmel_chroma mfcc; do
-    echo "== 3/7 k-means teacher $teacher: fit, then label every frame"
+    echo "== 3/8 k-means teacher $teacher: fit, then label every frame"
     for stage in fit dump; do
         "$PY" -m teachers.kmeans $stage --config configs/teachers/$teacher.yaml \
             shards="$SHARDS" out="$WORK/teachers/$teacher" --workers 2
     done
 done
-echo "== 4/7 EnCodec teacher (random init: pass --weights PATH for the real codes)"
+echo "== 4/8 EnCodec teacher (random init: pass --weights PATH for the real codes)"
 "$PY" -m teachers.encodec dump --shards "$SHARDS" --random-init --device cpu --workers 2
-echo "== 5/7 streaming loader: one evaluation pass over every sample, labels joined"
+echo "== 5/8 streaming loader: one evaluation pass over every sample, labels joined"
 "$PY" - "$SHARDS" <<'PYEOF'
 import sys, warnings
 from data.stream import AudioLoader, StreamConfig
@@ -49,15 +51,19 @@ PYEOF
 RUN="$WORK/runs/tiny"
 TRAIN=("$PY" -m pretrain.train --config configs/tiny.yaml data.shards="$SHARDS"
        "data.labels=[$SHARDS/labels/logmel_chroma]" train.run_dir="$RUN")
-echo "== 6/7 pretraining the tiny preset: 300 steps, stopped by SIGTERM after step 120, then resumed"
-"${TRAIN[@]}" &
-pid=$!
-while kill -0 "$pid" 2>/dev/null && ! grep -qs '"step": 120,' "$RUN/metrics.jsonl"; do sleep 1; done
-kill -TERM "$pid" 2>/dev/null || true  # what a cluster sends before preempting: save a checkpoint, exit
-wait "$pid"
-echo "-- stopped; the same command again resumes from the newest checkpoint"
-"${TRAIN[@]}" | grep -v '^  \|^[a-z_]*:$\|^# resolved'
-echo "== 7/7 summary and export"
+echo "== 6/8 pretraining the tiny preset: 300 steps, stopped by SIGTERM after step 120, then resumed"
+if grep -qs '"state": "finished"' "$RUN/status.json"; then
+    echo "-- already trained: $RUN (delete it to train again)"
+else
+    "${TRAIN[@]}" &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null && ! grep -qs '"step": 120,' "$RUN/metrics.jsonl"; do sleep 1; done
+    kill -TERM "$pid" 2>/dev/null || true  # what a cluster sends before preempting: save a checkpoint, exit
+    wait "$pid" || true
+    echo "-- stopped; the same command again resumes from the newest checkpoint"
+    "${TRAIN[@]}" | grep -v '^  \|^[a-z_]*:$\|^# resolved'
+fi
+echo "== 7/8 summary and export"
 "$PY" -m pretrain.export --ckpt "$RUN" --out "$WORK/encoder.pt"
 "$PY" - "$RUN" <<'PYEOF'
 import json, sys
@@ -70,5 +76,24 @@ print(f"steps {first['step']} -> {last['step']}: loss {first['loss']:.2f} -> {la
 print(f"checkpoints: {run}/checkpoints   metrics: {run}/metrics.jsonl   TensorBoard: tensorboard --logdir {run}/tensorboard")
 if last["loss"] >= first["loss"]:
     sys.exit("the loss did not fall: something is wrong")
+PYEOF
+echo "== 8/8 embeddings and probes: trained vs untrained tiny model vs MFCC and chroma statistics"
+FEATURES="$WORK/features"
+EXTRACT=("$PY" -m pretrain.extract --input "$WORK/corpus" --unit window --window-seconds 2.0)
+"${EXTRACT[@]}" --ckpt "$RUN" --out "$FEATURES/trained"
+"${EXTRACT[@]}" --random-init configs/tiny.yaml --out "$FEATURES/untrained"
+for baseline in mfcc chroma; do
+    "${EXTRACT[@]}" --baseline "$baseline" --pooling mean_std --out "$FEATURES/$baseline"
+done
+"$PY" - "$FEATURES" <<'PYEOF'
+import sys
+from pretrain.probe import compare, probe
+features = sys.argv[1]
+print("The demo has 28 clips (re-split 60/20/20 by clip, 2 s windows as examples): the scores show the tooling")
+print("at work, not what a real model learns. Full tables and plots: FEATURES/NAME/probe-TASK/.")
+for task in ("demo_key", "demo_instruments", "demo_tempo"):
+    results = {name: probe(f"{features}/{name}", f"configs/probe/{task}.yaml", resplit=(0.6, 0.2, 0.2), verbose=False)
+               for name in ("trained", "untrained", "mfcc", "chroma")}
+    print(f"\n{task}\n{compare(results)}")
 PYEOF
 echo "demo done: outputs in $WORK/"

@@ -259,7 +259,7 @@ def extract(input_path: str, out: str, layers_of, cfg: ExtractConfig, model_info
     info.pop("batch_size")
     output, pending, started = Output(out, info), Pending(), time.perf_counter()
     report = {"clips": 0, "already_done": 0, "examples": 0, "skipped": {}, "audio_seconds": 0.0}
-    for n, (clip, decode) in enumerate(tqdm(clips(input_path), desc="extract", unit="clip")):
+    for n, (clip, decode) in enumerate(tqdm(clips(input_path), desc="extract", unit="clip", disable=None)):
         if limit is not None and n >= limit:
             break
         if clip in output.done:
