@@ -13,6 +13,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data.files import read_json
 from pretrain.probe_metrics import KEY_NAMES, TASK_TYPES, ProbeError, checked_key
 
 FORMAT = "musicpt-features/1"
@@ -145,12 +146,9 @@ def _load_example(folder: str, line: int, row: dict, num_layers: int) -> np.ndar
 
 def _read_json_file(path: str, what: str) -> dict:
     try:
-        with open(path) as file:
-            return json.load(file)
-    except FileNotFoundError:
-        raise ProbeError(f"{path}: missing {what}") from None
-    except json.JSONDecodeError as error:
-        raise ProbeError(f"{path}: not valid JSON ({error}); expected {what}") from None
+        return read_json(path, what)
+    except (FileNotFoundError, ValueError) as error:  # read_json's message names the file and what it holds
+        raise ProbeError(str(error)) from None
 
 
 def _read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
