@@ -19,6 +19,7 @@ from dataclasses import asdict
 
 import torch
 
+from data.files import read_json
 from pretrain.checkpoint import find_problem, newest
 from pretrain.config import from_yaml
 from pretrain.model import Encoder, EncoderConfig
@@ -49,50 +50,55 @@ def fp32_weights(folder: str, precision: str, zero_stage: int) -> dict[str, torc
     return {name: tensor.float() for name, tensor in states["module"].items()}
 
 
-def checkpoint_encoder(ckpt: str) -> tuple[EncoderConfig, dict[str, torch.Tensor], dict]:
-    """(config, fp32 encoder weights, {"checkpoint", "step"}) of a run directory or checkpoint folder."""
+def checkpoint_encoder(ckpt: str) -> tuple[Encoder, dict]:
+    """The fp32 encoder of a run directory or checkpoint folder, with {"checkpoint", "step", "crop_seconds"}."""
     folder = checkpoint_folder(ckpt)
     with open(os.path.join(folder, "config.yaml")) as file:
         cfg = from_yaml(file.read())
     weights = fp32_weights(folder, cfg.train.precision, cfg.train.zero_stage)
-    encoder = {name[len("encoder."):]: t.contiguous() for name, t in weights.items() if name.startswith("encoder.")}
-    Encoder(cfg.model).load_state_dict(encoder)  # strict: every weight present and shaped right
-    with open(os.path.join(folder, "complete.json")) as file:
-        step = json.load(file)["step"]
-    return cfg.model, encoder, {"checkpoint": folder, "step": step, "crop_seconds": cfg.data.crop_seconds}
+    encoder = Encoder(cfg.model)
+    encoder.load_state_dict({name[len("encoder."):]: t for name, t in weights.items() if name.startswith("encoder.")})
+    step = read_json(os.path.join(folder, "complete.json"), "the checkpoint manifest")["step"]
+    return encoder, {"checkpoint": folder, "step": step, "crop_seconds": cfg.data.crop_seconds}
 
 
 def load_any(path: str) -> tuple[Encoder, dict]:
     """An fp32 encoder from a file written by `export`, a run directory or a checkpoint folder, with
     what is known of it ({"checkpoint", "step", "crop_seconds"})."""
     if os.path.isfile(path):
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        return load_encoder(path), {"checkpoint": path, "step": payload.get("step"), "crop_seconds": None}
-    cfg, weights, meta = checkpoint_encoder(path)
-    encoder = Encoder(cfg)
-    encoder.load_state_dict(weights)
-    return encoder, meta
+        payload = read_export(path)
+        return encoder_from(payload), {"checkpoint": path, "step": payload.get("step"), "crop_seconds": None}
+    return checkpoint_encoder(path)
 
 
 def export(ckpt: str, out: str) -> dict:
-    model_cfg, encoder, meta = checkpoint_encoder(ckpt)
-    folder, step = meta["checkpoint"], meta["step"]
-    payload = {"format": FORMAT, "config": json.dumps(asdict(model_cfg)), "step": step, "state_dict": encoder}
+    encoder, meta = checkpoint_encoder(ckpt)
+    weights = {name: t.contiguous() for name, t in encoder.state_dict().items()}
+    payload = {"format": FORMAT, "config": json.dumps(asdict(encoder.cfg)), "step": meta["step"], "state_dict": weights}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save(payload, out + ".tmp")
     os.replace(out + ".tmp", out)
-    return {"checkpoint": folder, "step": step, "parameters": sum(t.numel() for t in encoder.values()), "out": out}
+    return {"checkpoint": meta["checkpoint"], "step": meta["step"],
+            "parameters": sum(t.numel() for t in weights.values()), "out": out}
 
 
-def load_encoder(path: str) -> Encoder:
+def read_export(path: str) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not an encoder exported by python -m pretrain.export (format {payload.get('format')!r})")
+    return payload
+
+
+def encoder_from(payload: dict) -> Encoder:
     settings = json.loads(payload["config"])
     settings["conv_layers"] = tuple(tuple(layer) for layer in settings["conv_layers"])
     encoder = Encoder(EncoderConfig(**settings))
     encoder.load_state_dict(payload["state_dict"])
     return encoder
+
+
+def load_encoder(path: str) -> Encoder:
+    return encoder_from(read_export(path))
 
 
 def main(argv: list[str] | None = None) -> None:

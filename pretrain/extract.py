@@ -189,10 +189,11 @@ class Output:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError:
                         continue  # a line torn by a kill
-        counts = {}
+        counts, expected = {}, {}
         for row in rows:
             counts[row["clip"]] = counts.get(row["clip"], 0) + 1
-        done = {clip for clip, count in counts.items() if count == next(r["of"] for r in rows if r["clip"] == clip)}
+            expected[row["clip"]] = row["of"]
+        done = {clip for clip, count in counts.items() if count == expected[clip]}
         kept = "".join(json.dumps(row) + "\n" for row in rows if row["clip"] in done)
         atomic_write_bytes(self.index, kept.encode())
         return done

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.audio import SAMPLE_RATE
 from data.files import atomic_write_bytes, atomic_write_json
 from data.stream import AudioLoader
 from pretrain.checkpoint import Checkpointer
@@ -168,7 +169,7 @@ class Trainer:
         self.engine_step()
         self.metrics.add(logs)
         self.samples += len(batch["keys"])
-        seconds = float(batch["lengths"].sum()) / 24000
+        seconds = float(batch["lengths"].sum()) / SAMPLE_RATE
         self.audio_seconds += seconds * self.world
         self.interval_audio += seconds * self.world
         self.interval_crops += len(batch["keys"]) * self.world
@@ -215,8 +216,9 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             scalars["grad_norm"] = float(norm)
-        if loss_scale(self.engine) is not None:
-            scalars["loss_scale"] = loss_scale(self.engine)
+        scale = loss_scale(self.engine)
+        if scale is not None:
+            scalars["loss_scale"] = scale
         peak = self.peak_flops()
         if peak:
             flops = training_flops(self.cfg.model, self.cfg.data.crop_samples) * self.interval_crops / elapsed
