@@ -60,12 +60,14 @@ while [ $# -gt 0 ]; do
 done
 [ "$GPUS_PER_NODE" -gt 0 ] && TASKS_PER_NODE=$GPUS_PER_NODE
 RUN_DIR=$RUN_ROOT/$JOB_NAME  # stable across requeues: the job name, not the job id
+given_run_dir=0
 for item in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
-    case "$item" in train.run_dir=*) RUN_DIR=${item#train.run_dir=} ;; esac
+    case "$item" in train.run_dir=*) RUN_DIR=${item#train.run_dir=}; given_run_dir=1 ;; esac
 done
+[ "$given_run_dir" = 1 ] || OVERRIDES+=("train.run_dir=$RUN_DIR")
 read -r -a PYTHON_CMD <<< "$PYTHON"
 read -r -a SRUN_EXTRA <<< "${SRUN_ARGS:-}"
-TRAIN=("${PYTHON_CMD[@]}" -m pretrain.train --config "$CONFIG_PATH" "${OVERRIDES[@]+"${OVERRIDES[@]}"}" "train.run_dir=$RUN_DIR")
+TRAIN=("${PYTHON_CMD[@]}" -m pretrain.train --config "$CONFIG_PATH" "${OVERRIDES[@]}")
 
 batch_script() {
     echo "#!/bin/bash"
@@ -82,7 +84,7 @@ batch_script() {
     echo "#SBATCH --open-mode=append"
     echo "#SBATCH --output=$RUN_DIR/slurm-%j.out"
     printf 'exec bash %q %q' "$REPO/launch/slurm_pretrain.sh" "$CONFIG_PATH"
-    printf ' %q' --job-name "$JOB_NAME" --python "$PYTHON" "${OVERRIDES[@]+"${OVERRIDES[@]}"}" "train.run_dir=$RUN_DIR"
+    printf ' %q' --job-name "$JOB_NAME" --python "$PYTHON" "${OVERRIDES[@]}"
     echo
 }
 
