@@ -31,7 +31,6 @@ import argparse
 import os
 import sys
 
-FRAME_RATE = 75  # frames per second of 24 kHz audio (hop 320)
 CASES = {"logmel": ({"kind": "logmel", "n_mels": 229}, 300),
          "mfcc": ({"kind": "mfcc", "n_mfcc": 13, "deltas": True}, 500)}
 SKLEARN_SETTINGS = dict(batch_size=10000, init="k-means++", n_init=20, max_iter=100, tol=0.0,
@@ -51,8 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if unknown := [c for c in args.cases if c not in CASES]:
         parser.error(f"unknown case(s) {unknown}; valid: {', '.join(CASES)}")
-    if args.minutes is None:
-        args.minutes = round(args.frames / FRAME_RATE / 60 * 1.1 + 0.5, 1)
     return args
 
 
@@ -74,9 +71,12 @@ from sklearn.cluster import MiniBatchKMeans  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from data import demo  # noqa: E402
-from data.audio import SAMPLE_RATE, stream_mono  # noqa: E402
+from data.audio import FRAME_RATE, SAMPLE_RATE, stream_mono  # noqa: E402
 from teachers.features import FeatureConfig, FeatureExtractor  # noqa: E402
 from teachers.kmeans import train_kmeans  # noqa: E402
+
+if ARGS is not None and ARGS.minutes is None:  # after the imports: data.audio loads numpy
+    ARGS.minutes = round(ARGS.frames / FRAME_RATE / 60 * 1.1 + 0.5, 1)
 
 
 def load_corpus(minutes: float, seed: int) -> list[np.ndarray]:

@@ -16,6 +16,8 @@ import soxr
 
 SAMPLE_RATE = 24_000  # the model's input rate
 FRAME_SAMPLES = 320  # one label frame: 24 kHz / 320 = 75 Hz
+FRAME_RATE = SAMPLE_RATE // FRAME_SAMPLES  # 75 label frames per second
+# The frame geometry above is the one source: teachers, objective, loader and model checks import it.
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
 
 

@@ -8,6 +8,7 @@ in a deterministic cycle of formats, sample rates and channel counts, next to
 ``labels.jsonl`` holding the key, tempo, instruments, format and split of each.
 
     python -m data.demo --out DIR --minutes N [--seed 0]
+    python -m data.demo --probe --out DIR [--seed 0] [--scale 1.0]   # labelled probe corpus: data/probe_corpus.py
 
 Track ``i`` depends only on ``(seed, i)``, so a longer corpus starts with the
 same tracks as a shorter one, and the lossless files (wav, flac) decode to
@@ -525,9 +526,22 @@ def generate(out_dir, minutes: float, seed: int = 0) -> list[dict]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--minutes", type=float, required=True, help="total audio to make")
+    parser.add_argument("--minutes", type=float, help="total audio to make (the training corpus)")
     parser.add_argument("--seed", type=int, default=0, help="non-negative corpus seed")
+    parser.add_argument("--probe", action="store_true",
+                        help="write the labelled probe corpus (pitch, instrument, key; data/probe_corpus.py) instead")
+    parser.add_argument("--scale", type=float, default=1.0, help="--probe: multiplies the clips per class")
+    parser.add_argument("--workers", type=int, default=0, help="--probe: processes (0: one per CPU, at most 8)")
     args = parser.parse_args(argv)
+    if args.probe:
+        if args.minutes is not None or not args.scale > 0 or args.seed < 0:
+            parser.error("--probe takes --scale > 0 and --seed >= 0, not --minutes")
+        from data.probe_corpus import describe, generate_probe
+
+        print(describe(generate_probe(args.out, args.seed, args.scale, args.workers or None), args.out))
+        return
+    if args.minutes is None:
+        parser.error("--minutes is required (or --probe for the probe corpus)")
     if not args.minutes > 0 or args.seed < 0:
         parser.error("--minutes must be > 0 and --seed >= 0")
     records = generate(args.out, args.minutes, args.seed)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data.audio import FRAME_SAMPLES, SAMPLE_RATE
 from data.stream import StreamConfig
 from pretrain.model import EncoderConfig
 from pretrain.objective import ObjectiveConfig
@@ -50,6 +51,13 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per device, for MFU; 0: from the GPU's name (none on CPU)
     force_resume: bool = False  # resume even where the saved config differs in a way that matters
     log_samples: bool = False  # write every batch's keys and offsets per rank (tests, debugging)
+    # Validation (pretrain/validate.py), by rank 0 every eval_every steps; 0: off.
+    eval_every: int = 0
+    eval_shards: str = ""  # held-out shard folder for the eval/ metrics; "": collapse signals only, on a training batch
+    eval_labels: tuple[str, ...] = ()  # its label folders; (): EVAL_SHARDS/labels/NAME for each data.labels folder .../NAME
+    eval_batches: int = 8  # batches of eval_shards per eval
+    collapse_rank: int = 2  # WARNING when the output's (or conv features') effective rank falls below this ...
+    collapse_fraction: float = 0.25  # ... or below this x its value at the run's first eval (0: no relative check)
 
 
 @dataclass(frozen=True)
@@ -104,12 +112,35 @@ def check(cfg: RunConfig, where: str) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{where}: {key}={value!r}; use one of {allowed}")
+    check_frame_geometry(cfg, where)
     if cfg.model.dim % cfg.model.heads:
         raise ConfigError(f"{where}: model.dim={cfg.model.dim} is not a multiple of model.heads={cfg.model.heads}")
     for key in ("train.steps", "train.grad_accum", "train.log_every", "train.save_every", "train.keep"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{where}: {key} must be at least 1")
+    for key in ("eval_every", "collapse_rank"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"{where}: train.{key} must be at least 0")
+    if cfg.train.eval_batches < 1:
+        raise ConfigError(f"{where}: train.eval_batches must be at least 1")
+    if not 0 <= cfg.train.collapse_fraction < 1:
+        raise ConfigError(f"{where}: train.collapse_fraction={cfg.train.collapse_fraction}: use 0 (off) up to below 1")
+    if cfg.train.eval_labels and not cfg.train.eval_shards:
+        raise ConfigError(f"{where}: train.eval_labels is set but train.eval_shards is empty; name the eval shard folder")
+
+
+def check_frame_geometry(cfg: RunConfig, where: str) -> None:
+    """Encoder frame t must be label frame t: the conv stack's total stride is the label hop (data.audio)."""
+    if cfg.model.stride != FRAME_SAMPLES:
+        raise ConfigError(f"{where}: model.conv_layers have a total stride of {cfg.model.stride} samples, but labels "
+                          f"come every {FRAME_SAMPLES} samples ({SAMPLE_RATE // FRAME_SAMPLES} Hz at {SAMPLE_RATE} Hz); "
+                          f"choose strides whose product is {FRAME_SAMPLES}, e.g. 5, 2, 2, 2, 2, 2, 2")
+    if (cfg.objective.hop, cfg.objective.sample_rate) != (FRAME_SAMPLES, SAMPLE_RATE):
+        raise ConfigError(f"{where}: objective.hop={cfg.objective.hop} and objective.sample_rate="
+                          f"{cfg.objective.sample_rate} must be {FRAME_SAMPLES} and {SAMPLE_RATE}, the label geometry")
+    if cfg.objective.cqt_target not in ("log", "magnitude"):
+        raise ConfigError(f"{where}: objective.cqt_target={cfg.objective.cqt_target!r}; use 'log' or 'magnitude'")
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -77,6 +77,8 @@ class ConvExtractor(nn.Module):
         if cfg.conv_norm not in ("group", "layer"):
             raise ValueError(f"EncoderConfig.conv_norm={cfg.conv_norm!r}: use 'group' or 'layer'")
         self.blocks = nn.Sequential(*blocks)
+        for block in self.blocks:
+            nn.init.kaiming_normal_(block[0].weight)  # fairseq's init: keeps the output scale through the stack
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:  # [B, N] -> [B, C, T]
         return self.blocks(audio[:, None])
@@ -130,7 +132,7 @@ class SelfAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         dropout = self.dropout if self.training else 0.0
-        if self.relax > 0:
+        if self.relax > 0 and q.dtype == torch.float16:  # only fp16 can overflow; bf16/fp32 keep the fused kernel
             y = relaxed_attention(q, k, v, self.relax, attend, dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout)
@@ -161,6 +163,13 @@ def layerdrop_choice(rate: float, layers: int, generator: torch.Generator | None
     return torch.rand(layers, generator=generator) < rate
 
 
+def bert_init(module: nn.Module) -> None:
+    """fairseq's init_bert_params for the transformer blocks: linear weights N(0, 0.02), biases zero."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(module.bias)
+
+
 class Encoder(nn.Module):
     """forward(audio [B, N], lengths [B] | None, mask [B, T] | None) -> dict (see `forward`)."""
 
@@ -175,6 +184,7 @@ class Encoder(nn.Module):
         self.positions = ConvPositions(cfg)
         self.norm = nn.LayerNorm(cfg.dim)  # before the blocks (Post-LN) or after them (Pre-LN)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.blocks.apply(bert_init)
         self.feature_dropout, self.dropout = nn.Dropout(cfg.feature_dropout), nn.Dropout(cfg.dropout)
 
     def frames(self, num_samples):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.audio import FRAME_SAMPLES, SAMPLE_RATE
 from pretrain.model import Encoder
 
 
@@ -32,12 +33,14 @@ class ObjectiveConfig:
     cqt_bins: int = 336
     cqt_bins_per_octave: int = 48
     cqt_fmin: float = 32.7
+    cqt_target: str = "magnitude"  # MERT: raw magnitude (a few loud bins dominate the MSE); "log": log(magnitude + cqt_floor)
+    cqt_floor: float = 1e-3
     feature_penalty: float = 10.0
     mixup_prob: float = 0.5  # chance that an item gets noise segments from other items
     mixup_segments: tuple[int, int] = (1, 3)
     mixup_seconds: tuple[float, float] = (0.5, 1.0)
-    sample_rate: int = 24000
-    hop: int = 320
+    sample_rate: int = SAMPLE_RATE
+    hop: int = FRAME_SAMPLES
 
 
 def span_mask(valid: torch.Tensor, total: int, prob: float, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -87,6 +90,15 @@ def noise_mixup(audio: torch.Tensor, lengths: torch.Tensor, cfg: ObjectiveConfig
     return flat.clone().index_add_(0, dst_index.reshape(-1), added.reshape(-1)).view(batch, samples)
 
 
+def feature_penalty(features: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+    """HuBERT's penalty: mean square of the conv features [B, T, C], here over real (not padded) frames only."""
+    squares = features.float().pow(2).mean(-1)
+    if padding is None:
+        return squares.mean()
+    real = (~padding).float()
+    return (squares * real).sum() / real.sum().clamp(min=1.0)
+
+
 class CodewordHead(nn.Module):
     """Logits = cosine(projection of h, learned codeword embeddings) / temperature, one codebook."""
 
@@ -126,6 +138,11 @@ class Objective(nn.Module):
             transform.to(audio.device)
         return transform(audio.float())
 
+    def cqt_target(self, audio: torch.Tensor) -> torch.Tensor:
+        """[B, N] -> the CQT regression target [B, N // hop + 1, bins], compressed as cfg.cqt_target says."""
+        magnitude = self.cqt(audio).transpose(1, 2)
+        return torch.log(magnitude + self.cfg.cqt_floor) if self.cfg.cqt_target == "log" else magnitude
+
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor, labels: dict[str, torch.Tensor],
                 generator: torch.Generator | None = None, skip: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -137,8 +154,8 @@ class Objective(nn.Module):
         noisy = noise_mixup(audio, lengths, self.cfg, generator) if self.training else audio
         out = self.encoder(noisy.to(self.encoder.projection.weight.dtype), lengths, mask, skip=skip)
         h = out["x"][mask]  # [M, D]: masked frames only
-        logs, loss = {"masked_frames": mask.sum()}, out["features"].float().pow(2).mean() * self.cfg.feature_penalty
-        logs["feature_penalty"] = loss.detach()
+        penalty = feature_penalty(out["features"], out["padding"])
+        logs, loss = {"masked_frames": mask.sum(), "feature_penalty": penalty.detach()}, penalty * self.cfg.feature_penalty
         for stream, codes in labels.items():
             targets = codes[:, :frames][mask]  # label frame t -> encoder frame t
             for book in range(targets.shape[1]):
@@ -150,7 +167,7 @@ class Objective(nn.Module):
                 logs[f"acc/{stream}_{book}"] = (logits.detach().argmax(-1)[known] == targets[known, book]).float().mean()
         if self._cqt is not None:
             with torch.no_grad():
-                cqt = self.cqt(audio).transpose(1, 2)[:, 1:frames + 1]  # CQT frame t + 1 -> encoder frame t
+                cqt = self.cqt_target(audio)[:, 1:frames + 1]  # CQT frame t + 1 -> encoder frame t
             mse = F.mse_loss(self.cqt_head(h).float(), cqt[mask])
             loss = loss + self.cfg.cqt_weight * mse
             logs["loss/cqt"] = mse.detach()

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 import torchaudio.functional as AF
 from torch import Tensor
 
+from data.audio import FRAME_SAMPLES, SAMPLE_RATE
+
 KINDS = ("mfcc", "logmel", "chroma", "logmel_chroma")
 DELTA_WIN_LENGTH = 5  # HuBERT / fairseq dump_mfcc_feature uses compute_deltas' default of 5
 N_CHROMA = 12
@@ -47,8 +49,8 @@ N_CHROMA = 12
 @dataclass(frozen=True)
 class FeatureConfig:
     kind: str = "logmel_chroma"  # one of KINDS
-    sample_rate: int = 24000
-    hop: int = 320               # 24000 / 320 = 75 Hz label rate
+    sample_rate: int = SAMPLE_RATE
+    hop: int = FRAME_SAMPLES     # 24000 / 320 = 75 Hz label rate
     n_fft: int = 2048            # 85 ms window, 11.7 Hz bins: semitones resolved above ~200 Hz
     n_mels: int = 229            # log-mel bins (MERT v0: 229-dim log-mel + chroma)
     f_min: float = 27.5          # A0, lowest piano key
@@ -79,7 +81,7 @@ class FeatureConfig:
         return self.n_mels + N_CHROMA
 
 
-def num_frames(num_samples: int, hop: int = 320) -> int:
+def num_frames(num_samples: int, hop: int = FRAME_SAMPLES) -> int:
     """Frames for a signal of `num_samples`: one per whole hop, trailing partial hop dropped."""
     return num_samples // hop
 

@@ -17,6 +17,9 @@ def test_presets_hold_the_mert_reference_settings():
     assert (base.optim.lr, base.optim.clip, large.optim.lr, large.optim.clip) == (5e-4, 10.0, 1.5e-3, 1.0)
     assert base.data.crop_seconds == 5.0 and large.data.crop_seconds == 5.12 and large.objective.mixup_seconds == (0.5, 1.5)
     assert base.model.conv_layers == large.model.conv_layers and base.model.stride == 320
+    # MERT-v1 (both sizes): GroupNorm on the first conv only (fairseq extractor_mode "default"); dropout_input 0.1
+    assert base.model.conv_norm == large.model.conv_norm == "group"
+    assert base.model.feature_dropout == 0.1 and large.model.feature_dropout == 0.0
     tiny = load_config("configs/tiny.yaml")
     assert sum(p.numel() for p in Encoder(tiny.model).parameters()) < 500_000
 
@@ -35,6 +38,9 @@ def test_overrides_win_and_the_saved_config_reads_back():
     (["model.heads=5"], "model.heads"),
     (["data.labels=[]"], "data.labels"),
     (["data.crop_seconds=1.001"], "crop_seconds"),
+    (["model.conv_layers=[[32,10,5],[32,3,2],[32,3,2],[32,3,2],[32,2,2],[32,2,2]]"], "stride of 160"),
+    (["objective.hop=160"], "objective.hop"),
+    (["objective.cqt_target=db"], "objective.cqt_target"),
 ])
 def test_bad_settings_name_the_key(overrides, words):
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):

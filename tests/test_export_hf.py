@@ -23,6 +23,7 @@ SMALL = dict(conv_layers=CONV, dim=48, layers=2, heads=4, ffn_dim=96, pos_conv_k
 CONFIGS = {
     "post_ln_group": EncoderConfig(**SMALL, conv_norm="group", pre_ln=False),
     "pre_ln_layer": EncoderConfig(**SMALL, conv_norm="layer", pre_ln=True),
+    "pre_ln_group": EncoderConfig(**SMALL, conv_norm="group", pre_ln=True),  # MERT-v1-330M's layout
 }
 TOLERANCE = 1e-4
 
