@@ -49,7 +49,7 @@ SPLIT_CYCLE = ("train", "valid", "test", "train", "train", "train",
 PITCH_LOW, PITCH_HIGH = 36, 96
 PITCH_TIMBRES_PER_ROUND = 8  # in a round, timbre c plays the pitches p with p % 8 == c
 CLIP_SECONDS = {"pitch": 1.5, "instrument": 3.0, "key": 4.0}
-CLIPS_PER_CLASS = {"pitch": 12, "instrument": 30, "key": 10}  # at scale 1.0
+CLIPS_PER_CLASS = {"pitch": 12, "instrument": 60, "key": 36}  # at scale 1.0: ~100+ test clips per task
 MIN_CLIPS_PER_CLASS = 3  # one round of each split
 DETUNE_GAIN = 0.8  # of a voice's detuned copy
 

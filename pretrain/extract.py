@@ -11,8 +11,9 @@ Hugging Face's hidden states). `--unit window` writes one example per
 window instead of one per clip; `--frames` also writes each clip's frames
 (float16 [layers, T, dim], non-overlapping windows stitched, 75 Hz).
 `--patchout T` keeps 1 of every T frames after the conv extractor.
-`--baseline mfcc|chroma` writes MFCC or chroma statistics in the same format
-(no model), and `--random-init CONFIG` a randomly initialised encoder.
+`--baseline mfcc|chroma|logmel` writes MFCC, chroma or log-mel statistics in the
+same format (no model), and `--random-init CONFIG` a randomly initialised encoder:
+the trainer's step-0 weights for that config (seeded with its `train.seed`).
 
     DIR/info.json     format musicpt-features/1, layer_names, dim, pooling, unit, model and window settings
     DIR/index.jsonl   {"key", "clip", "path", "seconds"} per example, appended as clips finish
@@ -88,7 +89,7 @@ class EncoderLayers:
 
 
 class FeatureStats:
-    """The baselines: MFCC (39-d with deltas) or chroma (12-d) frames as a single "layer"."""
+    """The baselines: MFCC (39-d with deltas), chroma (12-d) or log-mel (229-d) frames as a single "layer"."""
 
     def __init__(self, kind: str, device: torch.device):
         from teachers.features import FeatureConfig, FeatureExtractor
@@ -296,8 +297,9 @@ def layers_source(args, device: torch.device):
         from pretrain.config import load_config
 
         cfg = load_config(args.random_init, ["data.shards=unused", "data.labels=[unused]"])
-        torch.manual_seed(args.seed)
-        encoder, meta = Encoder(cfg.model), {"random_init": args.random_init, "seed": args.seed}
+        seed = cfg.train.seed if args.seed is None else args.seed
+        torch.manual_seed(seed)  # as pretrain.train seeds its model: these are the trainer's step-0 weights
+        encoder, meta = Encoder(cfg.model), {"random_init": args.random_init, "seed": seed}
         crop = cfg.data.crop_seconds
     else:
         from pretrain.export import load_any
@@ -313,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="a run directory, a checkpoint folder, or a file from python -m pretrain.export")
     source.add_argument("--random-init", metavar="CONFIG", help="a randomly initialised encoder of this preset")
-    source.add_argument("--baseline", choices=("mfcc", "chroma"), help="MFCC or chroma statistics instead of a model")
+    source.add_argument("--baseline", choices=("mfcc", "chroma", "logmel"),
+                        help="MFCC, chroma or log-mel statistics instead of a model")
     parser.add_argument("--input", required=True, help="a folder of audio files, or a shard folder")
     parser.add_argument("--out", required=True)
     parser.add_argument("--window-seconds", type=float, help="default: the run's training crop (else 5)")
@@ -324,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patchout", type=int, default=1, help="keep 1 of every T frames after the conv extractor")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0, help="for --random-init")
+    parser.add_argument("--seed", type=int, help="for --random-init (default: the config's train.seed, as the trainer)")
     parser.add_argument("--limit", type=int, help="only the first N clips")
     args = parser.parse_args(argv)
     try:

@@ -54,19 +54,23 @@ class Metrics:
             self.writer.close()
 
 
+def jsonl_rows(path: str):
+    """(line, row) for each readable line of a JSON-lines file (a torn last line is skipped); none if it is missing."""
+    if not os.path.exists(path):
+        return
+    with open(path) as file:
+        for line in file:
+            try:
+                yield line, json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
 def truncate_jsonl(path: str, last_step: int) -> None:
     """Keeps the rows of `path` whose "step" is at most `last_step` (atomically; a torn last line is dropped)."""
     if not os.path.exists(path):
         return
-    kept = []
-    with open(path) as file:
-        for line in file:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("step", 0) <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+    kept = [line if line.endswith("\n") else line + "\n" for line, row in jsonl_rows(path) if row.get("step", 0) <= last_step]
     atomic_write_bytes(path, "".join(kept).encode())
 
 

@@ -31,11 +31,12 @@ from pretrain.engine import build_engine, device_for_rank, init_distributed, los
 from pretrain.metrics import Metrics, console_line, truncate_jsonl
 from pretrain.model import Encoder, layerdrop_choice, training_flops
 from pretrain.objective import Objective
+from pretrain.validate import Validator
 
 # Settings a resumed run may change; any other difference from the checkpoint's config is refused.
 FREE_TO_CHANGE = ("train.steps", "train.log_every", "train.save_every", "train.keep", "train.max_nonfinite",
                   "train.peak_tflops", "train.force_resume", "train.log_samples", "train.run_dir",
-                  "train.min_loss_scale", "optim.", "data.shards", "data.prefetch_factor")
+                  "train.min_loss_scale", "train.eval_", "train.collapse_", "optim.", "data.shards", "data.prefetch_factor")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
@@ -62,6 +63,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, rank, world, cfg.train.keep)
         self.resume()
         self.metrics = Metrics(self.run_dir, rank, self.step)
+        self.validator = Validator(cfg, sizes, self.run_dir) if cfg.train.eval_every else None
         self.samples_log = None
         if cfg.train.log_samples:
             self.samples_log = os.path.join(self.run_dir, "samples", f"rank-{rank:05d}.jsonl")
@@ -137,6 +139,8 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self.log(last_log, (cfg.steps - self.step) * (time.perf_counter() - started) / (self.step - start_step))
                 last_log = (self.step, time.perf_counter())
+            if self.validator and self.step % cfg.eval_every == 0:
+                self.validate()  # before the save: a checkpoint's step has all its rows written
             if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.stop_agreed:
                 self.save()
         self.bar.close()
@@ -226,6 +230,16 @@ class Trainer:
         self.data_wait, self.interval_audio, self.interval_crops = 0.0, 0.0, 0
         self.metrics.write(self.step, scalars)
         self.say(console_line(self.step, self.cfg.train.steps, scalars, eta))
+
+    def validate(self) -> None:
+        """Rank 0 evaluates (eval/ and collapse/ rows; the same numbers at any world size), the others wait."""
+        if self.rank == 0:
+            scalars, lines = self.validator.run(self.engine, self.step)
+            self.metrics.write(self.step, scalars)
+            for line in lines:
+                self.say(line)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def peak_flops(self) -> float:
         if self.cfg.train.peak_tflops:

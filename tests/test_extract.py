@@ -90,3 +90,37 @@ def test_shards_baselines_and_patchout(train_data, tmp_path):
     fast = run(tmp_path / "fast", "--input", shards, "--limit", "2", "--patchout", "3")
     a, b = (np.load(os.path.join(r["out"], r["rows"][0]["path"])) for r in (full, fast))
     assert a.shape == b.shape and not np.allclose(a, b) and fast["info"]["patchout"] == 3
+
+
+def test_logmel_baseline_is_the_mean_and_std_of_log_mel_frames(clips, tmp_path):
+    from teachers.features import FeatureConfig, FeatureExtractor
+
+    out = str(tmp_path / "logmel")
+    extract_main(["--baseline", "logmel", "--input", str(clips), "--out", out, "--pooling", "mean_std"])
+    info = json.load(open(os.path.join(out, "info.json")))
+    assert info["layer_names"] == ["logmel"] and info["dim"] == 229 and info["model"] == {"baseline": "logmel"}
+    row = next(json.loads(line) for line in open(os.path.join(out, "index.jsonl")) if '"a.wav"' in line)
+    got = np.load(os.path.join(out, row["path"]))
+    audio = np.pad(tone(3.0, SAMPLE_RATE, 440), (0, 2 * SAMPLE_RATE))  # one 5 s window, 3 s real
+    frames = FeatureExtractor(FeatureConfig(kind="logmel"))(torch.from_numpy(audio))[:3 * 75].double()
+    expected = torch.cat([frames.mean(0), frames.std(0, unbiased=False)]).numpy()
+    assert got.shape == (1, 458) and np.allclose(got[0], expected, rtol=1e-4, atol=1e-3)
+
+
+def test_random_init_uses_the_configs_train_seed_like_the_trainer(clips, tmp_path):
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load("configs/tiny.yaml")
+    raw.train.seed = 7
+    config = str(tmp_path / "seeded.yaml")
+    OmegaConf.save(raw, config)
+    out = str(tmp_path / "seeded")
+    extract_main(["--random-init", config, "--input", str(clips), "--out", out, "--window-seconds", "1.0", "--limit", "1"])
+    assert json.load(open(os.path.join(out, "info.json")))["model"]["seed"] == 7
+    got = np.load(os.path.join(out, json.loads(open(os.path.join(out, "index.jsonl")).readline())["path"]))
+    torch.manual_seed(7)  # what pretrain.train does before building its model: its step-0 weights
+    encoder = Encoder(load_config(config).model).eval()
+    with torch.no_grad():
+        out_layers = encoder(torch.from_numpy(tone(3.0, SAMPLE_RATE, 440)).view(3, SAMPLE_RATE), all_layers=True)["layers"]
+    expected = torch.stack([layer.mean(dim=(0, 1)) for layer in out_layers]).numpy()
+    assert np.allclose(got[1:], expected, atol=1e-5)

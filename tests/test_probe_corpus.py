@@ -40,7 +40,7 @@ def test_every_class_is_in_every_split(corpus):
     assert json.loads((out / "probe.json").read_text()) == summary
     assert summary["seed"] == 0 and summary["scale"] == SCALE
     scaled = {task: pc.num_clips(task, 1.0) for task in pc.TASKS}
-    assert scaled == {"pitch": 61 * 12, "instrument": 10 * 30, "key": 24 * 10}
+    assert scaled == {"pitch": 61 * 12, "instrument": 10 * 60, "key": 24 * 36}
 
 
 def test_timbres_never_cross_splits(corpus):

@@ -1,0 +1,288 @@
+"""Does pretraining teach the encoder anything? Train a preset, then probe it against its own random init and baselines.
+
+    python bench/learning.py [--config configs/small.yaml] [--minutes 30] [--steps N] [--scale 1.0]
+                             [--teacher logmel_chroma|mfcc] [--name NAME] [--work bench_out/learning] [key=value ...]
+    python bench/learning.py --smoke     # tiny preset, 1 minute of audio, 20 steps, probe scale 0.1 (work: *-smoke)
+    python bench/learning.py --run RUN_DIR --work DIR [--scale S]   # only probe a finished run (the demo does)
+
+Every stage is a subprocess of the real CLIs, logged to WORK/logs/, and skipped when its output exists, so a re-run
+resumes: the demo corpus, shards, the k-means teacher (fit + dump), pretraining (key=value overrides go to
+pretrain.train), the labelled probe corpus (pitch, instrument, key), embeddings of each probe task (one window per
+clip, clip means) from the trained encoder, the same architecture at the trainer's step-0 init (its saved config
+and train.seed) and MFCC / chroma / log-mel statistics (mean and std), then MARBLE-style probes. The table gives
+each task's primary metric (accuracy; key: MIREX weighted score) for the probe with the best validation score
+among every single layer and the weighted sum of layers, the trained / random ratio, and the effective rank
+(principal components holding 95% of the variance of the centred final-layer clip embeddings). Figures go to
+WORK/learning.json. The exit code is 0 whether the targets pass or fail.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+
+TASKS = ("pitch", "instrument", "key")
+BASELINES = ("mfcc", "chroma", "logmel")
+FEATURE_SETS = ("trained", "random") + BASELINES
+SMOKE = {"config": "configs/tiny.yaml", "minutes": 1.0, "steps": 20, "scale": 0.1}
+TIMES: dict[str, float] = {}
+
+
+def run_stage(name: str, done: bool, commands: list[list[str]], work: str) -> None:
+    """Runs `commands` in turn (output to WORK/logs/NAME.log) unless `done`; prints the time and last output line."""
+    if done:
+        print(f"-- {name}: done already, skipped", flush=True)
+        return
+    log_path = os.path.join(work, "logs", name.replace(" ", "_").replace("/", "_") + ".log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": ROOT}
+    started = time.perf_counter()
+    with open(log_path, "a") as log:
+        for command in commands:
+            log.write("$ " + " ".join(command) + "\n")
+            log.flush()
+            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode:
+                tail = open(log_path).read().splitlines()[-25:]
+                sys.exit("\n".join(tail) + f"\nstage {name!r} failed: {' '.join(command)} (log: {log_path})")
+    TIMES[name] = time.perf_counter() - started
+    last = [line for line in open(log_path).read().splitlines() if line.strip()][-1:] or [""]
+    print(f"-- {name}: {TIMES[name]:.1f} s | {last[0][:150]}", flush=True)
+
+
+def py(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+def prepare_training(args, work: str) -> str:
+    """Corpus, shards and teacher labels; returns the labels folder."""
+    corpus, shards = os.path.join(work, "corpus"), os.path.join(work, "shards")
+    run_stage("corpus", os.path.exists(os.path.join(corpus, "labels.jsonl")),
+              [py("data.demo", "--out", corpus, "--minutes", str(args.minutes))], work)
+    run_stage("shards", os.path.exists(os.path.join(shards, "index.json")),
+              [py("data.shards", "build", "--input", os.path.join(corpus, "audio"), "--out", shards,
+                  "--workers", "2", "--shard-size", "8M")], work)
+    labels = os.path.join(shards, "labels", args.teacher)
+    teacher = ["--config", f"configs/teachers/{args.teacher}.yaml", f"shards={shards}",
+               f"out={os.path.join(work, 'teachers', args.teacher)}", "--workers", "2"]
+    run_stage(f"teacher {args.teacher}", os.path.exists(os.path.join(labels, "teacher.json")),
+              [py("teachers.kmeans", stage, *teacher) for stage in ("fit", "dump")], work)
+    return labels
+
+
+def train(args, work: str, labels: str) -> str:
+    from pretrain.config import load_config
+
+    run_dir = os.path.join(work, "runs", args.name)
+    overrides = [f"data.shards={os.path.join(work, 'shards')}", f"data.labels=[{labels}]", f"train.run_dir={run_dir}",
+                 *([f"train.steps={args.steps}"] if args.steps else []), *args.overrides]
+    steps = load_config(args.config, overrides).train.steps
+    status = read(os.path.join(run_dir, "status.json")) or {}
+    done = status.get("state") == "finished" and status.get("step", -1) >= steps
+    run_stage("train", done, [py("pretrain.train", "--config", args.config, *overrides)], work)
+    return run_dir
+
+
+def read(path: str):
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def window_seconds(folder: str) -> float:
+    """The longest clip, rounded up to whole 320-sample frames at 24 kHz: every clip is one window."""
+    longest = max(sf.info(path).duration for path in glob.glob(os.path.join(folder, "audio", "*")))
+    return math.ceil(longest * 24000 / 320 + 1e-6) * 320 / 24000
+
+
+def extract_all(work: str, run_dir: str) -> dict[str, dict[str, str]]:
+    """Features of every task for every feature set; returns {task: {name: folder}}."""
+    step = (read(os.path.join(run_dir, "status.json")) or {}).get("step")
+    sources = {"trained": ["--ckpt", run_dir], "random": ["--random-init", os.path.join(run_dir, "config.yaml")],
+               **{name: ["--baseline", name, "--pooling", "mean_std"] for name in BASELINES}}
+    folders = {}
+    for task in TASKS:
+        audio, window = os.path.join(work, "probe", task), window_seconds(os.path.join(work, "probe", task))
+        for name, source in sources.items():
+            out = os.path.join(work, "features", task, name)
+            marker = {"source": source, "window_seconds": window, "step": step if name == "trained" else None}
+            saved = read(os.path.join(out, "bench.json"))
+            if saved is not None and saved != marker:
+                shutil.rmtree(out)  # made from another checkpoint or with other settings: redo (unfinished: resume)
+            run_stage(f"extract {task}/{name}", saved == marker,
+                      [py("pretrain.extract", *source, "--input", audio, "--out", out, "--window-seconds", str(window))],
+                      work)
+            with open(os.path.join(out, "bench.json"), "w") as file:
+                json.dump(marker, file)
+            folders.setdefault(task, {})[name] = out
+    return folders
+
+
+def best_by_validation(rows: list[dict]) -> dict:
+    """Among every single-layer probe and the weighted sum, the one with the best validation score."""
+    from pretrain.probe import rank
+
+    best = max(rows, key=rank)
+    return {"layer": best["layer"], "valid": best["valid"], "test": best["test"], "metric": best["metric"],
+            "lr": best["lr"], "by_layer": {row["layer"]: {"valid": row["valid"], "test": row["test"]} for row in rows}}
+
+
+def probe_all(work: str, folders: dict) -> dict:
+    import torch
+
+    from pretrain.probe import probe
+    from pretrain.probe_data import load_task
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scores = {}
+    for task, by_name in folders.items():
+        labels = os.path.join(work, "probe", task, "labels.jsonl")
+        config = load_task(f"configs/probe/{task}.yaml", [f"labels={labels}"])
+        for name, folder in by_name.items():
+            cache = os.path.join(folder, "bench-probe.json")
+            if not os.path.exists(cache):
+                started = time.perf_counter()
+                result = best_by_validation(probe(folder, config, verbose=False, device=device))
+                with open(cache, "w") as file:
+                    json.dump(result, file)
+                TIMES[f"probe {task}/{name}"] = time.perf_counter() - started
+                print(f"-- probe {task}/{name}: {TIMES[f'probe {task}/{name}']:.1f} s | test {result['metric']} "
+                      f"{result['test']:.3f} ({result['layer']})", flush=True)
+            scores.setdefault(task, {})[name] = read(cache)
+    return scores
+
+
+def effective_rank(folder: str, share: float = 0.95) -> int:
+    """Principal components holding `share` of the variance of the centred final-layer clip embeddings."""
+    from pretrain.probe_data import load_features
+
+    x = load_features(folder).x[:, -1].astype(np.float64)
+    variance = np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2
+    if variance.sum() <= 0:
+        return 0
+    return int(np.searchsorted(np.cumsum(variance) / variance.sum(), share - 1e-12) + 1)
+
+
+def targets(scores: dict, ranks: dict) -> list[tuple[str, bool]]:
+    checks = [(f"{task}: trained >= 1.2 x random", test(scores, task, "trained") >= 1.2 * test(scores, task, "random"))
+              for task in TASKS]
+    checks += [(f"{task}: trained >= mfcc", test(scores, task, "trained") >= test(scores, task, "mfcc"))
+               for task in ("pitch", "key")]
+    return checks + [(f"{task}: effective rank trained >= random", ranks[task]["trained"] >= ranks[task]["random"])
+                     for task in TASKS]
+
+
+def test(scores: dict, task: str, name: str) -> float:
+    return scores[task][name]["test"]
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else math.inf if a > 0 else math.nan
+
+
+def print_table(scores: dict, ranks: dict) -> None:
+    header = ["task", "metric", "trained", "random", "ratio", *BASELINES, "rank tr", "rank rnd"]
+    lines = [header]
+    for task in TASKS:
+        values = [test(scores, task, name) for name in FEATURE_SETS]
+        lines.append([task, scores[task]["trained"]["metric"], *(f"{v:.3f}" for v in values[:2]),
+                      f"{ratio(values[0], values[1]):.2f}", *(f"{v:.3f}" for v in values[2:]),
+                      str(ranks[task]["trained"]), str(ranks[task]["random"])])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:  # task and metric left-aligned, numbers right-aligned
+        cells = [cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width) in enumerate(zip(line, widths))]
+        print("  ".join(cells))
+    print("Test score (accuracy; key: MIREX weighted score) of the probe with the best validation score among every "
+          "single\nlayer and the weighted sum of layers. Encoders: clip means, one window per clip; baselines: mean "
+          "and std of\nframes. ratio = trained / random; rank = principal components holding 95% of the variance of "
+          "the centred\nfinal-layer clip embeddings.")
+
+
+def training_summary(run_dir: str) -> dict:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    rows = [row for row in rows if any(key.startswith("acc/") for key in row)]
+    keys = sorted(key for key in rows[-1] if key.startswith("acc/")) + ["loss/cqt"] * ("loss/cqt" in rows[-1])
+    summary = {key: {"first": rows[0].get(key), "last": rows[-1].get(key)} for key in keys}
+    print(f"training {run_dir}: steps {rows[0]['step']} -> {rows[-1]['step']}")
+    for key, value in summary.items():
+        name = f"masked accuracy {key[4:]}" if key.startswith("acc/") else "CQT loss"
+        print(f"  {name}: {value['first'] or math.nan:.4f} -> {value['last'] or math.nan:.4f}")
+    return {"first_step": rows[0]["step"], "last_step": rows[-1]["step"], **summary}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", help="default bench_out/learning (bench_out/learning-smoke with --smoke)")
+    parser.add_argument("--config", help="default configs/small.yaml")
+    parser.add_argument("--minutes", type=float, help="training corpus (default 30)")
+    parser.add_argument("--scale", type=float, help="probe corpus: clips per class multiplier (default 1)")
+    parser.add_argument("--teacher", choices=("logmel_chroma", "mfcc"), default="logmel_chroma")
+    parser.add_argument("--steps", type=int, help="shortcut for train.steps=N")
+    parser.add_argument("--name", help="run name (default: the config's file name)")
+    parser.add_argument("--smoke", action="store_true", help="tiny preset, 1 minute, 20 steps, probe scale 0.1")
+    parser.add_argument("--run", help="probe this finished run directory instead of training one (its config.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to pretrain.train")
+    args = parser.parse_args(argv)
+    defaults = SMOKE if args.smoke else {"config": "configs/small.yaml", "minutes": 30.0, "steps": None, "scale": 1.0}
+    for key, value in defaults.items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    args.work = args.work or ("bench_out/learning-smoke" if args.smoke else "bench_out/learning")
+    if args.run:
+        args.config = os.path.join(args.run, "config.yaml")
+    args.name = args.name or os.path.splitext(os.path.basename(args.config))[0]
+    if not os.path.isfile(os.path.join(ROOT, args.config)) and not os.path.isfile(args.config):
+        parser.error(f"--config {args.config}: no such file")
+    if any("=" not in item for item in args.overrides):
+        parser.error(f"overrides must be key=value, got {args.overrides}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    os.chdir(ROOT)
+    work, started = os.path.abspath(args.work), time.perf_counter()
+    if args.run:
+        run_dir = os.path.abspath(args.run)
+        print(f"learning benchmark: probing {run_dir}, work {work}")
+    else:
+        print(f"learning benchmark: {args.config}, {args.minutes:g} min corpus, teacher {args.teacher}, work {work}")
+        run_dir = train(args, work, prepare_training(args, work))
+    probe_dir = os.path.join(work, "probe")
+    run_stage("probe corpus", os.path.exists(os.path.join(probe_dir, "probe.json")),
+              [py("data.demo", "--probe", "--out", probe_dir, "--scale", str(args.scale))], work)
+    folders = extract_all(work, run_dir)
+    scores = probe_all(work, folders)
+    ranks = {task: {name: effective_rank(folders[task][name]) for name in ("trained", "random")} for task in TASKS}
+    print()
+    training = training_summary(run_dir)
+    print()
+    print_table(scores, ranks)
+    checks = targets(scores, ranks)
+    print("\ntargets:")
+    for label, ok in checks:
+        print(f"  {'PASS' if ok else 'FAIL'}  {label}")
+    total = time.perf_counter() - started
+    results = {"config": args.config, "name": args.name, "teacher": args.teacher, "minutes": args.minutes,
+               "scale": args.scale, "overrides": args.overrides, "training": training, "scores": scores,
+               "effective_rank": ranks, "targets": {label: ok for label, ok in checks},
+               "stage_seconds": {**(read(os.path.join(work, "learning.json")) or {}).get("stage_seconds", {}),
+                                 **{name: round(seconds, 2) for name, seconds in TIMES.items()}},  # stages run before too
+               "seconds": round(total, 1)}
+    with open(os.path.join(work, "learning.json"), "w") as file:
+        json.dump(results, file, indent=1)
+    passed = sum(ok for _, ok in checks)
+    print(f"\nlearning benchmark: {passed}/{len(checks)} targets met ({'PASS' if passed == len(checks) else 'FAIL'}); "
+          f"{total:.0f} s this run; figures in {work}/learning.json")
+
+
+if __name__ == "__main__":
+    main()
