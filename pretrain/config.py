@@ -139,8 +139,6 @@ def check_frame_geometry(cfg: RunConfig, where: str) -> None:
     if (cfg.objective.hop, cfg.objective.sample_rate) != (FRAME_SAMPLES, SAMPLE_RATE):
         raise ConfigError(f"{where}: objective.hop={cfg.objective.hop} and objective.sample_rate="
                           f"{cfg.objective.sample_rate} must be {FRAME_SAMPLES} and {SAMPLE_RATE}, the label geometry")
-    if cfg.objective.cqt_target not in ("log", "magnitude"):
-        raise ConfigError(f"{where}: objective.cqt_target={cfg.objective.cqt_target!r}; use 'log' or 'magnitude'")
 
 
 def to_yaml(cfg: RunConfig) -> str:

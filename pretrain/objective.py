@@ -33,8 +33,6 @@ class ObjectiveConfig:
     cqt_bins: int = 336
     cqt_bins_per_octave: int = 48
     cqt_fmin: float = 32.7
-    cqt_target: str = "magnitude"  # MERT: raw magnitude (a few loud bins dominate the MSE); "log": log(magnitude + cqt_floor)
-    cqt_floor: float = 1e-3
     feature_penalty: float = 10.0
     mixup_prob: float = 0.5  # chance that an item gets noise segments from other items
     mixup_segments: tuple[int, int] = (1, 3)
@@ -138,11 +136,6 @@ class Objective(nn.Module):
             transform.to(audio.device)
         return transform(audio.float())
 
-    def cqt_target(self, audio: torch.Tensor) -> torch.Tensor:
-        """[B, N] -> the CQT regression target [B, N // hop + 1, bins], compressed as cfg.cqt_target says."""
-        magnitude = self.cqt(audio).transpose(1, 2)
-        return torch.log(magnitude + self.cfg.cqt_floor) if self.cfg.cqt_target == "log" else magnitude
-
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor, labels: dict[str, torch.Tensor],
                 generator: torch.Generator | None = None, skip: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -167,7 +160,7 @@ class Objective(nn.Module):
                 logs[f"acc/{stream}_{book}"] = (logits.detach().argmax(-1)[known] == targets[known, book]).float().mean()
         if self._cqt is not None:
             with torch.no_grad():
-                cqt = self.cqt_target(audio)[:, 1:frames + 1]  # CQT frame t + 1 -> encoder frame t
+                cqt = self.cqt(audio).transpose(1, 2)[:, 1:frames + 1]  # CQT frame t + 1 -> encoder frame t
             mse = F.mse_loss(self.cqt_head(h).float(), cqt[mask])
             loss = loss + self.cfg.cqt_weight * mse
             logs["loss/cqt"] = mse.detach()
