@@ -137,7 +137,8 @@ def logged_steps(run_dir) -> list[int]:
     if not os.path.exists(path):
         return []
     with open(path) as file:
-        return [json.loads(line)["step"] for line in file if line.strip()]
+        rows = [json.loads(line) for line in file if line.strip()]
+    return [row["step"] for row in rows if "loss" in row]  # training rows (eval/ and collapse/ rows share their step)
 
 
 def submit_pretrain(slurm, train_data, run_root, name: str, *extra) -> tuple[str, str]:
