@@ -30,7 +30,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
 TASKS = ("pitch", "instrument", "key")
@@ -99,9 +98,11 @@ def read(path: str):
 
 
 def window_seconds(folder: str) -> float:
-    """The longest clip, rounded up to whole 320-sample frames at 24 kHz: every clip is one window."""
+    """The longest clip, rounded up to whole label frames (data.audio): every clip is one window."""
+    from data.audio import FRAME_RATE
+
     longest = max(sf.info(path).duration for path in glob.glob(os.path.join(folder, "audio", "*")))
-    return math.ceil(longest * 24000 / 320 + 1e-6) * 320 / 24000
+    return math.ceil(longest * FRAME_RATE + 1e-6) / FRAME_RATE
 
 
 def extract_all(work: str, run_dir: str) -> dict[str, dict[str, str]]:
@@ -161,15 +162,15 @@ def probe_all(work: str, folders: dict) -> dict:
     return scores
 
 
-def effective_rank(folder: str, share: float = 0.95) -> int:
-    """Principal components holding `share` of the variance of the centred final-layer clip embeddings."""
-    from pretrain.probe_data import load_features
+def clip_rank(folder: str) -> int:
+    """Principal components holding 95% of the variance of the centred final-layer clip embeddings
+    (pretrain.validate.effective_rank, the training-time collapse signal)."""
+    import torch
 
-    x = load_features(folder).x[:, -1].astype(np.float64)
-    variance = np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2
-    if variance.sum() <= 0:
-        return 0
-    return int(np.searchsorted(np.cumsum(variance) / variance.sum(), share - 1e-12) + 1)
+    from pretrain.probe_data import load_features
+    from pretrain.validate import effective_rank
+
+    return effective_rank(torch.from_numpy(load_features(folder).x[:, -1]))
 
 
 def targets(scores: dict, ranks: dict) -> list[tuple[str, bool]]:
@@ -261,7 +262,7 @@ def main(argv=None) -> None:
               [py("data.demo", "--probe", "--out", probe_dir, "--scale", str(args.scale))], work)
     folders = extract_all(work, run_dir)
     scores = probe_all(work, folders)
-    ranks = {task: {name: effective_rank(folders[task][name]) for name in ("trained", "random")} for task in TASKS}
+    ranks = {task: {name: clip_rank(folders[task][name]) for name in ("trained", "random")} for task in TASKS}
     print()
     training = training_summary(run_dir)
     print()

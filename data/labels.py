@@ -18,12 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from data.audio import FRAME_SAMPLES, SAMPLE_RATE
+from data.audio import FRAME_RATE, FRAME_SAMPLES
 from data.files import atomic_write_bytes, atomic_write_json, read_json
 
 LABELS_FORMAT = "musicpt-labels/1"
 MANIFEST_NAME = "teacher.json"
-FRAME_RATE = SAMPLE_RATE / FRAME_SAMPLES  # 75 Hz
 
 
 def sidecar_path(labels_dir: str, shard: str) -> str:

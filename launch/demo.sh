@@ -68,12 +68,13 @@ echo "== 7/8 summary and export"
 "$PY" - "$RUN" <<'PYEOF'
 import json, sys
 run = sys.argv[1]
-rows = [row for row in map(json.loads, open(f"{run}/metrics.jsonl")) if "loss" in row]  # not the eval rows
+all_rows = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+rows = [row for row in all_rows if "loss" in row]  # training rows, not the eval/collapse rows
 first, last = rows[0], rows[-1]
 acc = lambda row: sum(v for k, v in row.items() if k.startswith("acc/")) / sum(k.startswith("acc/") for k in row)
 print(f"steps {first['step']} -> {last['step']}: loss {first['loss']:.2f} -> {last['loss']:.2f}, "
       f"CQT loss {first['loss/cqt']:.3f} -> {last['loss/cqt']:.3f}, masked accuracy {acc(first):.3f} -> {acc(last):.3f}")
-evals = [row for row in map(json.loads, open(f"{run}/metrics.jsonl")) if "collapse/effective_rank" in row]
+evals = [row for row in all_rows if "collapse/effective_rank" in row]
 if evals:
     print(f"collapse signals (pretrain/validate.py): output effective rank {evals[0]['collapse/effective_rank']:.0f} "
           f"at step {evals[0]['step']} -> {evals[-1]['collapse/effective_rank']:.0f} at step {evals[-1]['step']}, "

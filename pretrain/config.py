@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.audio import FRAME_SAMPLES, SAMPLE_RATE
+from data.audio import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
 from data.stream import StreamConfig
 from pretrain.model import EncoderConfig
 from pretrain.objective import ObjectiveConfig
@@ -134,7 +134,7 @@ def check_frame_geometry(cfg: RunConfig, where: str) -> None:
     """Encoder frame t must be label frame t: the conv stack's total stride is the label hop (data.audio)."""
     if cfg.model.stride != FRAME_SAMPLES:
         raise ConfigError(f"{where}: model.conv_layers have a total stride of {cfg.model.stride} samples, but labels "
-                          f"come every {FRAME_SAMPLES} samples ({SAMPLE_RATE // FRAME_SAMPLES} Hz at {SAMPLE_RATE} Hz); "
+                          f"come every {FRAME_SAMPLES} samples ({FRAME_RATE} Hz at {SAMPLE_RATE} Hz); "
                           f"choose strides whose product is {FRAME_SAMPLES}, e.g. 5, 2, 2, 2, 2, 2, 2")
     if (cfg.objective.hop, cfg.objective.sample_rate) != (FRAME_SAMPLES, SAMPLE_RATE):
         raise ConfigError(f"{where}: objective.hop={cfg.objective.hop} and objective.sample_rate="
