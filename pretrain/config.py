@@ -50,6 +50,8 @@ class TrainConfig:
     min_loss_scale: float = 1.0  # fp16: overflows at this scale count towards max_nonfinite
     peak_tflops: float = 0.0  # per device, for MFU; 0: from the GPU's name (none on CPU)
     force_resume: bool = False  # resume even where the saved config differs in a way that matters
+    restart: bool = False  # when the run holds checkpoints and none loads: move them (and the logs) to previous/ and
+    #                        start from step 0 instead of refusing; when one loads it resumes as usual
     log_samples: bool = False  # write every batch's keys and offsets per rank (tests, debugging)
     # Validation (pretrain/validate.py), by rank 0 every eval_every steps; 0: off.
     eval_every: int = 0

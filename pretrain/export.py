@@ -20,7 +20,7 @@ from dataclasses import asdict
 import torch
 
 from data.files import read_json
-from pretrain.checkpoint import find_problem, newest
+from pretrain.checkpoint import MANIFEST, find_problem, fp32_master_weights, module_weights, newest
 from pretrain.config import from_yaml
 from pretrain.model import Encoder, EncoderConfig
 
@@ -40,14 +40,10 @@ def checkpoint_folder(path: str) -> str:
 def fp32_weights(folder: str, precision: str, zero_stage: int) -> dict[str, torch.Tensor]:
     """The model's weights from a DeepSpeed checkpoint: the fp32 master copy where training was mixed precision."""
     if precision != "fp32" and zero_stage >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        root, tag = os.path.split(os.path.abspath(folder))
-        return get_fp32_state_dict_from_zero_checkpoint(root, tag)
+        return fp32_master_weights(folder)
     if precision != "fp32":
         warnings.warn(f"{folder}: {precision} training with ZeRO stage 0; exporting the {precision} weights as fp32")
-    states = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
-    return {name: tensor.float() for name, tensor in states["module"].items()}
+    return {name: tensor.float() for name, tensor in module_weights(folder).items()}
 
 
 def checkpoint_encoder(ckpt: str) -> tuple[Encoder, dict]:
@@ -58,7 +54,7 @@ def checkpoint_encoder(ckpt: str) -> tuple[Encoder, dict]:
     weights = fp32_weights(folder, cfg.train.precision, cfg.train.zero_stage)
     encoder = Encoder(cfg.model)
     encoder.load_state_dict({name[len("encoder."):]: t for name, t in weights.items() if name.startswith("encoder.")})
-    step = read_json(os.path.join(folder, "complete.json"), "the checkpoint manifest")["step"]
+    step = read_json(os.path.join(folder, MANIFEST), "the checkpoint manifest")["step"]
     return encoder, {"checkpoint": folder, "step": step, "crop_seconds": cfg.data.crop_seconds}
 
 

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from data.audio import SAMPLE_RATE
 from data.files import atomic_write_bytes, atomic_write_json
 from data.stream import AudioLoader
-from pretrain.checkpoint import Checkpointer
+from pretrain import faults
+from pretrain.checkpoint import CheckpointError, Checkpointer
 from pretrain.config import ConfigError, RunConfig, from_yaml, load_config, to_yaml
 from pretrain.engine import build_engine, device_for_rank, init_distributed, loss_scale
 from pretrain.metrics import Metrics, console_line, truncate_jsonl
@@ -36,7 +37,7 @@ from pretrain.validate import Validator
 # Settings a resumed run may change; any other difference from the checkpoint's config is refused.
 FREE_TO_CHANGE = ("train.steps", "train.log_every", "train.save_every", "train.keep", "train.max_nonfinite",
                   "train.peak_tflops", "train.force_resume", "train.log_samples", "train.run_dir",
-                  "train.min_loss_scale", "train.eval_", "train.collapse_", "optim.", "data.shards", "data.prefetch_factor")
+                  "train.min_loss_scale", "train.restart", "train.eval_", "train.collapse_", "optim.", "data.shards", "data.prefetch_factor")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
@@ -53,22 +54,30 @@ class Trainer:
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.run_dir = cfg.train.run_dir
         self.loader = AudioLoader(cfg.data, rank, world, shield_workers=True)
-        sizes = {m["teacher"]: m["codebook_sizes"] for m in self.loader.manifests}
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        self.engine = build_engine(Objective(cfg.objective, Encoder(cfg.model), sizes).to(device), cfg)
-        torch.manual_seed(seed_of(cfg.train.seed, rank, 1))  # dropout: its own stream per rank
+        self.codebook_sizes = {m["teacher"]: m["codebook_sizes"] for m in self.loader.manifests}
+        self.engine = self.new_engine()
         self.generator = torch.Generator().manual_seed(seed_of(cfg.train.seed, rank, 2))  # masks and mixup
         self.step, self.samples, self.audio_seconds, self.nonfinite = 0, 0, 0.0, 0
         self.stop_signal, self.stop_agreed, self.consecutive_nonfinite = 0, False, 0  # signal seen here / by all ranks
-        self.checkpointer = Checkpointer(self.run_dir, rank, world, cfg.train.keep)
-        self.resume()
+        self.checkpointer = Checkpointer(self.run_dir, rank, world, cfg.train.keep, say=self.say)
+        self.resume()  # refuses (CheckpointError) before anything on disk changes
+        self.checkpointer.remove_stale_temporaries()
         self.metrics = Metrics(self.run_dir, rank, self.step)
-        self.validator = Validator(cfg, sizes, self.run_dir) if cfg.train.eval_every else None
+        self.validator = Validator(cfg, self.codebook_sizes, self.run_dir) if cfg.train.eval_every else None
         self.samples_log = None
         if cfg.train.log_samples:
             self.samples_log = os.path.join(self.run_dir, "samples", f"rank-{rank:05d}.jsonl")
             os.makedirs(os.path.dirname(self.samples_log), exist_ok=True)
             truncate_jsonl(self.samples_log, self.step)
+
+    def new_engine(self):
+        """The engine at its initial state: the same weights on every rank, then each rank's dropout stream."""
+        self.engine = None  # a failed load's engine goes before the clean one is built
+        torch.manual_seed(self.cfg.train.seed)
+        model = Objective(self.cfg.objective, Encoder(self.cfg.model), self.codebook_sizes).to(self.device)
+        engine = build_engine(model, self.cfg)
+        torch.manual_seed(seed_of(self.cfg.train.seed, self.rank, 1))
+        return engine
 
     # -- state
 
@@ -94,9 +103,9 @@ class Trainer:
             warnings.warn(f"train.force_resume: the data stream starts afresh ({error})")
 
     def resume(self) -> None:
-        found = self.checkpointer.load_newest(self.engine, self.check_resumable)
-        if found is not None:
-            step, state = found
+        self.engine, step, state = self.checkpointer.resume(self.engine, self.new_engine, self.check_resumable,
+                                                            restart=self.cfg.train.restart)
+        if step is not None:
             self.load_state_dict(state)
             self.say(f"resumed from {self.checkpointer.root}/step-{step:08d} (step {self.step}, "
                      f"{self.audio_seconds / 3600:.2f} h of audio seen)")
@@ -162,6 +171,7 @@ class Trainer:
         skip = layerdrop_choice(self.cfg.model.layerdrop, self.cfg.model.layers,  # the same on every rank
                                 torch.Generator().manual_seed(seed_of(self.cfg.train.seed, self.step, micro, 3)))
         loss, logs = self.engine(audio, lengths, labels, self.generator, skip)
+        loss = faults.nonfinite_loss(loss, self.rank, self.step + 1)
         if self.samples_log:
             with open(self.samples_log, "a") as file:
                 file.write(json.dumps({"step": self.step + 1, "keys": batch["keys"], "offsets": batch["offsets"].tolist()}) + "\n")
@@ -282,11 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     device = device_for_rank()
     rank, world = init_distributed(device)
     if rank == 0:
-        os.makedirs(cfg.train.run_dir, exist_ok=True)
         print(f"# resolved config ({args.config}, {world} process(es) on {device.type})\n{to_yaml(cfg)}", flush=True)
-        atomic_write_bytes(os.path.join(cfg.train.run_dir, "config.yaml"), to_yaml(cfg).encode())
     try:
         trainer = Trainer(cfg, device, rank, world)
+        if rank == 0:  # only now: a refused start leaves the run directory as it was
+            atomic_write_bytes(os.path.join(cfg.train.run_dir, "config.yaml"), to_yaml(cfg).encode())
 
         def request_stop(signum, frame):
             trainer.stop_signal = signum
@@ -294,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, request_stop)
         state = trainer.fit()
-    except (TrainingError, ConfigError) as error:
+    except (TrainingError, ConfigError, CheckpointError) as error:
         sys.exit(f"error (rank {rank}): {error}")
     if rank == 0:
         atomic_write_json(os.path.join(cfg.train.run_dir, "status.json"),

@@ -13,6 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from data.stream import StreamConfig  # noqa: E402
+from pretrain.checkpoint import seal, write_module_weights  # noqa: E402
 from pretrain.config import RunConfig, TrainConfig, to_yaml  # noqa: E402
 from pretrain.export import FORMAT as PT_FORMAT  # noqa: E402
 from pretrain.export_hf import MARKER, export_hf, main  # noqa: E402
@@ -142,11 +143,10 @@ def fake_run(encoder: Encoder, run_dir, step: int = 7) -> str:
     folder = run_dir / "checkpoints" / f"step-{step:08d}"
     folder.mkdir(parents=True)
     module = {f"encoder.{k}": v for k, v in encoder.state_dict().items()} | {"head.weight": torch.zeros(3, 3)}
-    torch.save({"module": module}, folder / "mp_rank_00_model_states.pt")
+    write_module_weights(str(folder), module)
     cfg = RunConfig(model=encoder.cfg, data=StreamConfig(shards="unused"), train=TrainConfig(precision="fp32"))
     (folder / "config.yaml").write_text(to_yaml(cfg))
-    files = {name: os.path.getsize(folder / name) for name in sorted(os.listdir(folder))}
-    (folder / "complete.json").write_text(json.dumps({"step": step, "world": 1, "files": files}))
+    seal(str(folder), step, world=1)
     return str(run_dir)
 
 

@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from pretrain.checkpoint import module_weights
 from pretrain.config import load_config
 from pretrain.engine import deepspeed_config, lr_factor
 from pretrain.export import load_encoder
@@ -67,8 +68,7 @@ def samples(run_dir, rank: int) -> list[dict]:
 
 
 def final_weights(run_dir, step: int) -> dict:
-    path = os.path.join(run_dir, "checkpoints", f"step-{step:08d}", "mp_rank_00_model_states.pt")
-    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+    return module_weights(os.path.join(run_dir, "checkpoints", f"step-{step:08d}"))
 
 
 def kill_tree(pid: int) -> None:

@@ -1,0 +1,222 @@
+"""The checkpointer alone, with a small stand-in for the DeepSpeed engine (a world of one, no process group):
+refusal over broken checkpoints, moving broken ones aside, pruning that counts only good ones, checksums,
+a load that fails midway, and a full disk during a save."""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+from pretrain import checkpoint
+from pretrain.checkpoint import MODEL_STATES, CheckpointError, Checkpointer, crc32_of, find_problem, tag
+
+
+class FakeEngine:
+    """Saves and loads one weight tensor and an optimizer counter the way DeepSpeed lays out its files."""
+
+    def __init__(self, value: float = 0.0, fail_after_module: bool = False):
+        self.weight, self.optimizer_steps = torch.full((4,), value), 0
+        self.fail_after_module = fail_after_module
+
+    def save_checkpoint(self, root, tag, save_latest):
+        folder = os.path.join(root, tag)
+        os.makedirs(folder, exist_ok=True)
+        torch.save({"module": {"weight": self.weight}}, os.path.join(folder, MODEL_STATES))
+        torch.save({"steps": self.optimizer_steps}, os.path.join(folder, "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+
+    def load_checkpoint(self, root, tag, **options):
+        folder = os.path.join(root, tag)
+        self.weight = torch.load(os.path.join(folder, MODEL_STATES), weights_only=True)["module"]["weight"]
+        if self.fail_after_module:  # what a half-loaded engine looks like: new weights, old optimizer
+            raise RuntimeError("optimizer state does not match")
+        self.optimizer_steps = torch.load(os.path.join(folder, "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+                                          weights_only=True)["steps"]
+        return folder, {}
+
+
+def accept(saved_yaml, manifest):
+    pass
+
+
+def save_steps(run_dir, steps, keep=10) -> Checkpointer:
+    saver = Checkpointer(str(run_dir), rank=0, world=1, keep=keep, say=lambda text: None)
+    for step in steps:
+        engine = FakeEngine(float(step))
+        engine.optimizer_steps = step
+        saver.save(engine, step, {"step": step}, "train: {}\n")
+    return saver
+
+
+def truncate(run_dir, step, name=MODEL_STATES):
+    path = os.path.join(run_dir, "checkpoints", tag(step), name)
+    with open(path, "r+b") as file:
+        file.truncate(os.path.getsize(path) // 2)
+
+
+def snapshot(folder) -> dict[str, bytes | None]:
+    """Every path under `folder` with its bytes (None for folders)."""
+    found = {}
+    for parent, folders, files in os.walk(folder):
+        for name in folders:
+            found[os.path.relpath(os.path.join(parent, name), folder)] = None
+        for name in files:
+            with open(os.path.join(parent, name), "rb") as file:
+                found[os.path.relpath(os.path.join(parent, name), folder)] = file.read()
+    return found
+
+
+def fresh(run_dir) -> Checkpointer:
+    return Checkpointer(str(run_dir), rank=0, world=1, keep=3, say=lambda text: None)
+
+
+def test_a_save_records_every_file_with_its_size_and_crc32(tmp_path):
+    save_steps(tmp_path, [5])
+    folder = tmp_path / "checkpoints" / tag(5)
+    manifest = checkpoint.read_manifest(str(folder))
+    assert manifest["step"] == 5 and manifest["hash"] == "crc32"
+    assert sorted(manifest["files"]) == sorted(n for n in os.listdir(folder) if n != "complete.json")
+    for name, entry in manifest["files"].items():
+        assert entry == {"bytes": os.path.getsize(folder / name), "crc32": crc32_of(str(folder / name))}
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000005\n"
+
+
+def test_all_checkpoints_broken_is_refused_naming_each_and_nothing_changes(tmp_path):
+    save_steps(tmp_path, [2, 4, 6])
+    for step in (2, 4, 6):
+        truncate(tmp_path, step)
+    os.makedirs(tmp_path / "checkpoints" / ".tmp-step-00000008")  # a killed save: left alone on a refusal
+    before = snapshot(tmp_path)
+    rebuilt = []
+    with pytest.raises(CheckpointError) as refused:
+        fresh(tmp_path).resume(FakeEngine(), lambda: rebuilt.append(1) or FakeEngine(), accept)
+    message = str(refused.value)
+    assert all(f"{tag(step)}: {MODEL_STATES} has" in message for step in (2, 4, 6)), message
+    assert "truncated" in message and "train.restart=true" in message and "Nothing was changed" in message
+    assert snapshot(tmp_path) == before and rebuilt == []  # sizes were checked before any engine read a file
+
+
+def test_restart_moves_the_old_run_into_previous_and_then_resumes_its_own_checkpoints(tmp_path):
+    save_steps(tmp_path, [2, 4])
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    os.makedirs(tmp_path / "tensorboard")
+    for step in (2, 4):
+        truncate(tmp_path, step)
+    old = snapshot(tmp_path)
+    engine, step, state = fresh(tmp_path).resume(FakeEngine(), FakeEngine, accept, restart=True)
+    assert step is None and state is None
+    (previous,) = os.listdir(tmp_path / "previous")
+    assert snapshot(tmp_path / "previous" / previous) == old  # every byte kept, nothing deleted
+    assert not os.path.exists(tmp_path / "checkpoints") and not os.path.exists(tmp_path / "metrics.jsonl")
+
+    save_steps(tmp_path, [2])  # the new run saves; started again with restart=true it resumes, not restarts
+    engine, step, state = fresh(tmp_path).resume(FakeEngine(), FakeEngine, accept, restart=True)
+    assert step == 2 and state == {"step": 2} and os.listdir(tmp_path / "previous") == [previous]
+
+
+def test_the_newest_broken_is_passed_over_then_moved_to_broken_with_its_reason(tmp_path):
+    save_steps(tmp_path, [2, 4, 6])
+    truncate(tmp_path, 6, "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    engine, step, state = fresh(tmp_path).resume(FakeEngine(), FakeEngine, accept)
+    assert step == 4 and state == {"step": 4} and float(engine.weight[0]) == 4.0 and engine.optimizer_steps == 4
+    broken = tmp_path / "checkpoints" / "broken"
+    assert os.path.isdir(broken / tag(6)) and "optim_states.pt has" in (broken / f"{tag(6)}.txt").read_text()
+    assert checkpoint.checkpoint_names(str(tmp_path / "checkpoints")) == [tag(4), tag(2)]
+
+
+def test_a_same_size_corruption_is_caught_by_the_checksum_before_the_engine_reads(tmp_path):
+    save_steps(tmp_path, [2, 4])
+    path = tmp_path / "checkpoints" / tag(4) / MODEL_STATES
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert "crc32" in find_problem(str(path.parent)) and find_problem(str(path.parent), content=False) is None
+    engine, step, _ = fresh(tmp_path).resume(FakeEngine(), FakeEngine, accept)
+    assert step == 2 and float(engine.weight[0]) == 2.0
+
+
+def test_a_load_that_fails_midway_is_followed_by_the_previous_checkpoint_in_a_clean_engine(tmp_path):
+    save_steps(tmp_path, [2, 4])
+    half_loaded, clean = FakeEngine(fail_after_module=True), FakeEngine()
+    engine, step, state = fresh(tmp_path).resume(half_loaded, lambda: clean, accept)
+    assert engine is clean and step == 2 and float(clean.weight[0]) == 2.0 and clean.optimizer_steps == 2
+    assert float(half_loaded.weight[0]) == 4.0  # the engine the failure left half-loaded is not used
+
+
+def test_pruning_keeps_the_newest_good_ones_and_moves_broken_ones_aside(tmp_path):
+    save_steps(tmp_path, [200, 250, 300])  # the issue's scenario: every model file truncated, then new saves
+    for step in (200, 250, 300):
+        truncate(tmp_path, step)
+    names = lambda: checkpoint.checkpoint_names(str(tmp_path / "checkpoints"))  # noqa: E731
+    saver = fresh(tmp_path)
+    saver.save(FakeEngine(50.0), 50, {"step": 50}, "train: {}\n")
+    assert names() == [tag(50)]  # the broken ones are not counted, and not deleted: moved
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "broken")) == sorted(
+        [tag(s) for s in (200, 250, 300)] + [f"{tag(s)}.txt" for s in (200, 250, 300)])
+    for step in (100, 150, 200, 250):
+        saver.save(FakeEngine(float(step)), step, {"step": step}, "train: {}\n")
+    assert names() == [tag(250), tag(200), tag(150)]  # keep=3 good ones
+    assert os.path.isdir(tmp_path / "checkpoints" / "broken" / tag(200))  # the old broken one is still there
+    assert [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")] == []
+
+
+def test_pruning_checks_an_older_checkpoint_it_did_not_write_by_content(tmp_path):
+    save_steps(tmp_path, [2, 4])
+    path = tmp_path / "checkpoints" / tag(2) / MODEL_STATES
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01
+    path.write_bytes(bytes(data))
+    saver = Checkpointer(str(tmp_path), rank=0, world=1, keep=2, say=lambda text: None)
+    saver.save(FakeEngine(6.0), 6, {"step": 6}, "train: {}\n")
+    assert checkpoint.checkpoint_names(str(tmp_path / "checkpoints")) == [tag(6), tag(4)]
+    assert "crc32" in (tmp_path / "checkpoints" / "broken" / f"{tag(2)}.txt").read_text()
+
+
+class FullDiskEngine(FakeEngine):
+    """Writes part of its model file, then the disk is full."""
+
+    def save_checkpoint(self, root, tag, save_latest):
+        folder = os.path.join(root, tag)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, MODEL_STATES), "wb") as file:
+            file.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(folder, MODEL_STATES))
+
+
+def test_a_full_disk_during_a_save_keeps_the_earlier_checkpoints_and_names_the_space_needed(tmp_path):
+    saver = save_steps(tmp_path, [2, 4], keep=3)
+    before = snapshot(tmp_path / "checkpoints")
+    with pytest.raises(CheckpointError) as failed:
+        saver.save(FullDiskEngine(), 6, {"step": 6}, "train: {}\n")
+    message = str(failed.value)
+    needed = checkpoint.folder_bytes(str(tmp_path / "checkpoints" / tag(4)))
+    assert ".tmp-step-00000006" in message and "disk looks full" in message and "GB are free" in message
+    assert f"needs about {needed / 1e9:.2f} GB" in message and "step-00000004" in message
+    assert snapshot(tmp_path / "checkpoints") == before  # no temporary folder, earlier ones as they were
+
+
+def test_a_torch_writer_failure_in_the_rank_state_is_reported_the_same_way(tmp_path, monkeypatch):
+    saver = save_steps(tmp_path, [2], keep=3)
+    before = snapshot(tmp_path / "checkpoints")
+    real_save = torch.save
+
+    def failing_save(obj, path, *args, **kwargs):  # torch's zip writer says this when the disk is full
+        if os.path.basename(str(path)).startswith("rank-"):
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0: file write failed")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(CheckpointError, match=r"\.tmp-step-00000003 failed on rank 0 .*disk looks full"):
+        saver.save(FakeEngine(), 3, {"step": 3}, "train: {}\n")
+    assert snapshot(tmp_path / "checkpoints") == before
+
+
+def test_a_manifest_from_before_checksums_still_loads_by_sizes(tmp_path):
+    save_steps(tmp_path, [2])
+    folder = str(tmp_path / "checkpoints" / tag(2))
+    manifest = checkpoint.read_manifest(folder)
+    old = {"step": 2, "world": 1, "files": {name: entry["bytes"] for name, entry in manifest["files"].items()}}
+    checkpoint.atomic_write_json(os.path.join(folder, "complete.json"), old)
+    assert find_problem(folder) is None
+    assert fresh(tmp_path).resume(FakeEngine(), FakeEngine, accept)[1] == 2
