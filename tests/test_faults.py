@@ -1,0 +1,120 @@
+"""Fault injection on the real trainer CLI (tiny preset, demo corpus): every checkpoint broken, SIGKILL of the
+whole process tree inside a save, non-finite losses. The checkpointer's own faults (pruning around broken
+checkpoints, checksums, a full disk, a load failing midway) are in tests/test_checkpoint.py."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+
+import pytest
+import torch
+from test_checkpoint import snapshot
+from test_train import ENV, ROOT, command, final_weights, kill_tree, metrics, run, samples
+
+from pretrain.checkpoint import MODEL_STATES, RUN_FILES, SAVE_POINTS, checkpoint_names
+
+
+@pytest.fixture
+def data(train_data):
+    return train_data
+
+
+@pytest.mark.slow
+def test_every_checkpoint_broken_is_refused_leaving_the_run_as_it_was_then_restart_keeps_the_old_run(data, tmp_path):
+    run_dir = tmp_path / "run"
+    run(command(data, run_dir, "train.steps=6", "train.save_every=2"))
+    for step in (2, 4, 6):  # the issue's scenario: every model file unreadable
+        path = run_dir / "checkpoints" / f"step-{step:08d}" / MODEL_STATES
+        path.write_bytes(path.read_bytes()[:1000])
+    before = snapshot(run_dir)
+
+    refused = run(command(data, run_dir, "train.steps=8", "train.save_every=2"), expect_ok=False)
+    assert refused.returncode != 0 and "none of them loads" in refused.stderr, refused.stderr[-2000:]
+    assert all(f"step-{step:08d}: {MODEL_STATES} has 1000 bytes" in refused.stderr for step in (2, 4, 6))
+    assert "train.restart=true" in refused.stderr and "step 1/" not in refused.stdout
+    assert snapshot(run_dir) == before  # same files, same bytes
+
+    restarted = run(command(data, run_dir, "train.steps=8", "train.save_every=2", "train.restart=true"))
+    assert "starting from step 0" in restarted.stdout
+    (previous,) = os.listdir(run_dir / "previous")
+    kept = snapshot(run_dir / "previous" / previous)  # the old run, every byte of it
+    assert kept == {name: data for name, data in before.items() if name.split(os.sep)[0] in RUN_FILES}
+    assert len(kept["metrics.jsonl"].splitlines()) == 6 and "tensorboard" in kept
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 9))
+    again = run(command(data, run_dir, "train.steps=9", "train.save_every=2", "train.restart=true"))
+    assert "resumed from" in again.stdout and os.listdir(run_dir / "previous") == [previous]  # safe to requeue
+
+
+def run_until_paused(data, run_dir, extra, fault: str, marker) -> None:
+    """Starts the 2-process run with MUSICPT_FAULTS=`fault` (a pause), waits until it pauses there, then
+    SIGKILLs its whole process tree at once."""
+    env = {**ENV, "MUSICPT_FAULTS": fault, "MUSICPT_PAUSED": str(marker)}
+    process = subprocess.Popen(command(data, run_dir, *extra, procs=2), cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not marker.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        kill_tree(process.pid)
+        output, _ = process.communicate()
+    assert marker.exists(), f"the run never reached {fault} (exit code {process.returncode}):\n{output[-3000:]}"
+    marker.unlink()
+    return output
+
+
+def resumed_step(output: str) -> int | None:
+    found = re.search(r"resumed from \S+step-(\d+)", output)
+    return int(found.group(1)) if found else None
+
+
+@pytest.mark.slow
+def test_sigkill_inside_saves_at_every_point_then_the_run_ends_as_the_uninterrupted_one(data, tmp_path):
+    steps, extra = 8, ("train.steps=8", "train.save_every=2", "train.keep=1", "train.grad_accum=2",
+                       "train.log_samples=true")
+    straight, interrupted, marker = tmp_path / "straight", tmp_path / "interrupted", tmp_path / "paused"
+    run(command(data, straight, *extra, procs=2))
+    # One run killed four times, each time inside a save: after DeepSpeed's files, after complete.json, after
+    # the rename (before `latest`), while pruning. Before the rename the previous checkpoint is resumed.
+    kills = ["pause@written:4", "pause@sealed:4", "pause@renamed:4", "pause@pruning:6"]
+    resumed = [resumed_step(run_until_paused(data, interrupted, extra, fault, marker)) for fault in kills]
+    last = run(command(data, interrupted, *extra, procs=2))
+    assert resumed[1:] + [resumed_step(last.stdout)] == [2, 2, 4, 6]
+
+    a, b = metrics(straight), metrics(interrupted)
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    assert all(abs(x["loss"] - y["loss"]) <= 1e-6 for x, y in zip(a, b))
+    wa, wb = final_weights(straight, steps), final_weights(interrupted, steps)
+    assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
+    for rank in (0, 1):  # two micro-batches per step: the stream neither repeats nor skips one
+        assert samples(straight, rank) == samples(interrupted, rank)
+    names = os.listdir(interrupted / "checkpoints")
+    assert checkpoint_names(str(interrupted / "checkpoints")) == ["step-00000008"], names
+    assert not [n for n in names if n.startswith(".tmp")] and "broken" not in names, names
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_on_one_rank_skips_the_batch_on_every_rank_and_is_counted(data, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**ENV, "MUSICPT_FAULTS": "nonfinite@1:3"}
+    done = subprocess.run(command(data, run_dir, "train.steps=4", "train.log_samples=true", procs=2), cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 1: step 3: non-finite loss, batch skipped" in done.stdout
+    rows = metrics(run_dir)
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1] and all(r["loss"] == r["loss"] for r in rows)
+    for rank in (0, 1):  # both ranks drew a second batch for step 3: the first was dropped on both
+        assert [r["step"] for r in samples(run_dir, rank)] == [1, 2, 3, 3, 4]
+
+
+@pytest.mark.slow
+def test_max_nonfinite_in_a_row_stops_the_run_naming_the_step_and_the_keys(data, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**ENV, "MUSICPT_FAULTS": "nonfinite@0:2+"}
+    done = subprocess.run(command(data, run_dir, "train.steps=4", "train.max_nonfinite=3"), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "step 2: 3 batches in a row gave a non-finite loss (last batch on rank 0: [" in done.stderr, done.stderr
+    assert "resume from the last checkpoint" in done.stderr
