@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -136,9 +137,20 @@ class SidecarReader:
             )
         return codes
 
+    def _load(self, shard: str):
+        path = sidecar_path(self.labels_dir, shard)
+        try:
+            return np.load(path)
+        except FileNotFoundError:
+            raise LabelError(f"{path}: teacher {self.name}'s labels for shard {shard} are missing (deleted after the "
+                             "run started?); re-run the teacher's dump for these shards, then resume.") from None
+        except (OSError, ValueError, zipfile.BadZipFile) as error:
+            raise LabelError(f"{path}: teacher {self.name}'s labels for shard {shard} are unreadable ({error}); "
+                             "re-run the teacher's dump for these shards, then resume.") from None
+
     def _sidecar(self, shard: str):
         if shard not in self.open:
             if len(self.open) >= self.keep_open:
                 self.open.pop(next(iter(self.open))).close()
-            self.open[shard] = np.load(sidecar_path(self.labels_dir, shard))
+            self.open[shard] = self._load(shard)
         return self.open[shard]

@@ -105,9 +105,12 @@ def decode_crop(flac: Member, offset: int, count: int) -> tuple[np.ndarray, int]
 class ShardStream(IterableDataset):
     """One worker's stream of cropped items; see the module docstring."""
 
-    def __init__(self, cfg: StreamConfig, shard_names: list[str], rank: int, world: int, teachers: dict | None = None):
+    def __init__(self, cfg: StreamConfig, shard_names: list[str], rank: int, world: int, teachers: dict | None = None,
+                 shard_bytes: dict[str, int] | None = None):
         self.cfg, self.names, self.rank, self.world = cfg, shard_names, rank, world
         self.teachers = teachers or {}  # name -> (labels dir, codebooks)
+        self.shard_bytes = shard_bytes or {}  # name -> size in the index: a shard of another size is skipped
+        self.bad_shards: set[str] = set()  # found missing or truncated by this worker
         self.readers: dict[str, SidecarReader] | None = None  # opened lazily, in the worker
         self.state = self._initial_state()
 
@@ -141,10 +144,35 @@ class ShardStream(IterableDataset):
         state = self.state
         while (name := self._shard_at(state["taken"])) is not None:
             path = os.path.join(self.cfg.shards, name)
+            problem = self._shard_problem(name)
+            if problem:
+                self._skip_shard(name, problem)
+                state["taken"], state["offset"] = state["taken"] + 1, 0
+                continue
             for start, next_start, key, parts in read_samples(path, state["offset"], lazy=LAZY):
                 state["offset"] = next_start
                 yield [name, start], key, parts
             state["taken"], state["offset"] = state["taken"] + 1, 0
+
+    def _shard_problem(self, name: str) -> str | None:
+        """Why shard `name` cannot be read as the index describes it (missing, other size), or None."""
+        path = os.path.join(self.cfg.shards, name)
+        if not os.path.exists(path):
+            return "missing"
+        size, expected = os.path.getsize(path), self.shard_bytes.get(name)
+        if expected is not None and size != expected:
+            return f"{size} bytes, the index says {expected} (truncated or rewritten)"
+        return None
+
+    def _skip_shard(self, name: str, problem: str) -> None:
+        """Counts and warns about a shard that cannot be read; stops when no shard can be."""
+        self.bad_shards.add(name)
+        self.state["skipped_shards"] = self.state.get("skipped_shards", 0) + 1
+        warnings.warn(f"{os.path.join(self.cfg.shards, name)}: {problem}; skipped (shard skip "
+                      f"{self.state['skipped_shards']} of this reader). Rebuild it with python -m data.shards build")
+        if self.bad_shards >= set(self.names):
+            raise RuntimeError(f"{self.cfg.shards}: every shard is missing or truncated ({problem} for {name}); "
+                               "rebuild them with python -m data.shards build")
 
     # -- shuffle, crop, yield
 
@@ -159,6 +187,7 @@ class ShardStream(IterableDataset):
         rng = np.random.default_rng([self.cfg.seed, *self._worker()])
         if state["rng"] is not None:
             rng.bit_generator.state = state["rng"]
+        state["buffer"] = [ref for ref in state["buffer"] if not self._shard_problem(ref[0])]  # a shard gone since
         buffer = [(ref, *read_one(os.path.join(self.cfg.shards, ref[0]), ref[1], lazy=LAZY)) for ref in state["buffer"]]
         for incoming in self._raw():
             if len(buffer) < size:
@@ -255,7 +284,8 @@ class AudioLoader:
             warnings.warn(f"{cfg.shards}: {len(names)} shards for {self.world * max(1, cfg.num_workers)} readers; some read nothing")
         self.manifests = self._check_labels()
         teachers = {m["teacher"]: (folder, m["codebooks"]) for folder, m in zip(cfg.labels, self.manifests)}
-        self.dataset = ShardStream(cfg, names, self.rank, self.world, teachers)
+        sizes = {s["name"]: s["bytes"] for s in self.index["shards"]}
+        self.dataset = ShardStream(cfg, names, self.rank, self.world, teachers, sizes)
         self.loader = StatefulDataLoader(
             self.dataset, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers,
             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None, drop_last=cfg.train,

@@ -1,10 +1,12 @@
 """Fault injection on the real trainer CLI (tiny preset, demo corpus): every checkpoint broken, SIGKILL of the
-whole process tree inside a save, non-finite losses. The checkpointer's own faults (pruning around broken
+whole process tree inside a save, non-finite losses; and on the loader: shards missing or truncated after
+the index was written, a label sidecar deleted mid-run. The checkpointer's own faults (pruning around broken
 checkpoints, checksums, a full disk, a load failing midway) are in tests/test_checkpoint.py."""
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import time
 
@@ -13,6 +15,8 @@ import torch
 from test_checkpoint import snapshot
 from test_train import ENV, ROOT, command, final_weights, kill_tree, metrics, run, samples
 
+from data.labels import LabelError
+from data.stream import AudioLoader, StreamConfig
 from pretrain.checkpoint import MODEL_STATES, RUN_FILES, SAVE_POINTS, checkpoint_names
 
 
@@ -118,3 +122,60 @@ def test_max_nonfinite_in_a_row_stops_the_run_naming_the_step_and_the_keys(data,
     assert done.returncode != 0
     assert "step 2: 3 batches in a row gave a non-finite loss (last batch on rank 0: [" in done.stderr, done.stderr
     assert "resume from the last checkpoint" in done.stderr
+
+
+@pytest.fixture
+def copied(train_data, tmp_path):
+    """A copy of the training shards and their labels that a test may damage: (shards, labels)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(train_data[0], shards)
+    return str(shards), str(shards / os.path.relpath(train_data[1], train_data[0]))
+
+
+def loader(shards, labels, **kw) -> AudioLoader:
+    cfg = StreamConfig(shards=shards, labels=(labels,), crop_seconds=1.0, batch_size=2, shuffle_buffer=0, **kw)
+    return AudioLoader(cfg, rank=0, world=1)
+
+
+def keys_by_shard(stream: AudioLoader) -> dict[str, set]:
+    found = {}
+    for batch in stream:
+        for key, shard in zip(batch["keys"], batch["shards"]):
+            found.setdefault(shard, set()).add(key)
+    return found
+
+
+def test_a_shard_truncated_or_deleted_after_indexing_is_skipped_with_a_counted_warning(copied):
+    shards, labels = copied
+    intact = keys_by_shard(loader(shards, labels, train=False, num_workers=0))
+    assert sorted(intact) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    stream = loader(shards, labels, train=False, num_workers=0)  # started, then the shards are damaged
+    truncated = os.path.join(shards, "shard-000001.tar")
+    with open(truncated, "r+b") as file:
+        file.truncate(os.path.getsize(truncated) * 2 // 3)  # mid-sample: its last FLAC would decode short
+    os.unlink(os.path.join(shards, "shard-000002.tar"))
+    with pytest.warns(UserWarning) as warned:
+        damaged = keys_by_shard(stream)
+    assert damaged == {"shard-000000.tar": intact["shard-000000.tar"]}  # nothing from the damaged shards
+    messages = [str(w.message) for w in warned if "skipped (shard skip" in str(w.message)]
+    assert any("shard-000001.tar: " in m and "the index says" in m and "skip 1 " in m for m in messages), messages
+    assert any("shard-000002.tar: missing" in m and "skip 2 " in m for m in messages), messages
+
+
+def test_every_shard_gone_stops_an_endless_training_stream_instead_of_hanging(copied):
+    shards, labels = copied
+    stream = loader(shards, labels, num_workers=0)
+    for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar"):
+        os.unlink(os.path.join(shards, name))
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="every shard is missing or truncated"):
+        next(iter(stream))
+
+
+def test_a_label_sidecar_deleted_mid_run_stops_the_loader_naming_it(copied):
+    shards, labels = copied
+    stream = loader(shards, labels, train=False, num_workers=1)  # the error crosses from a worker process
+    os.unlink(os.path.join(labels, "shard-000001.npz"))
+    with pytest.raises(LabelError, match=r"shard-000001\.npz: teacher \S+ labels for shard shard-000001.tar are "
+                                         r"missing .*re-run the teacher's dump"):
+        for _ in stream:
+            pass
