@@ -5,6 +5,7 @@ checkpoints, checksums, a full disk, a load failing midway) are in tests/test_ch
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import time
 import pytest
 import torch
 from test_checkpoint import snapshot
-from test_train import ENV, ROOT, command, final_weights, kill_tree, metrics, run, samples
+from test_train import ENV, ROOT, command, final_weights, kill_tree, metrics, run, samples, wait_for_step
 
 from data.labels import LabelError
 from data.stream import AudioLoader, StreamConfig
@@ -97,6 +98,64 @@ def test_sigkill_inside_saves_at_every_point_then_the_run_ends_as_the_uninterrup
     names = os.listdir(interrupted / "checkpoints")
     assert checkpoint_names(str(interrupted / "checkpoints")) == ["step-00000008"], names
     assert not [n for n in names if n.startswith(".tmp")] and "broken" not in names, names
+
+
+KILLS = int(os.environ.get("MUSICPT_FAULT_KILLS", "3"))  # random SIGKILLs per test; the issue's full count is 20
+
+
+def last_logged_step(run_dir) -> int:
+    return max((r["step"] for r in metrics(run_dir)), default=0) if (run_dir / "metrics.jsonl").exists() else 0
+
+
+def kill_after_progress(data, run_dir, extra, delay: float) -> None:
+    """Starts the 2-process run, waits until it logs a step past the last one logged so far (so every kill
+    makes progress), then SIGKILLs the whole tree `delay` seconds later: inside a step or a save."""
+    target = last_logged_step(run_dir) + 1
+    process = subprocess.Popen(command(data, run_dir, *extra, procs=2), cwd=ROOT, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(run_dir, target, process)
+        time.sleep(delay)
+    finally:
+        kill_tree(process.pid)
+        process.wait()
+
+
+def timed_straight_run(data, run_dir, extra, steps: int) -> float:
+    """Runs to the end; returns the seconds per step (with its save) after the first step."""
+    process = subprocess.Popen(command(data, run_dir, *extra, procs=2), cwd=ROOT, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(run_dir, 1, process)
+    first = time.perf_counter()
+    assert process.wait(timeout=600) == 0
+    return (time.perf_counter() - first) / (steps - 1)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_the_run_ends_as_the_uninterrupted_one(data, tmp_path):
+    """KILLS kills of the whole 2-process tree at random moments of a run that saves every step (so many land
+    inside a save), each followed by a restart; then a last run to the end."""
+    steps = 3 * KILLS + 4
+    extra = (f"train.steps={steps}", "train.save_every=1", "train.keep=2", "train.log_samples=true")
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    step_seconds = timed_straight_run(data, straight, extra, steps)
+    seed = random.randrange(2 ** 32)
+    delays = [random.Random(seed + i).uniform(0.0, 2 * step_seconds) for i in range(KILLS)]
+    print(f"seed {seed}: {KILLS} kills, each {[round(d, 2) for d in delays]} s after a new step is logged "
+          f"(a step and its save take {step_seconds:.2f} s)")
+    for delay in delays:
+        kill_after_progress(data, interrupted, extra, delay)
+    assert last_logged_step(interrupted) < steps, "the kills came too late: the run had finished"
+    run(command(data, interrupted, *extra, procs=2))
+
+    a, b = metrics(straight), metrics(interrupted)
+    assert [r["step"] for r in b] == list(range(1, steps + 1)), seed
+    assert all(abs(x["loss"] - y["loss"]) <= 1e-6 for x, y in zip(a, b)), seed
+    wa, wb = final_weights(straight, steps), final_weights(interrupted, steps)
+    assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa), seed
+    for rank in (0, 1):
+        assert samples(straight, rank) == samples(interrupted, rank), seed
+    assert checkpoint_names(str(interrupted / "checkpoints")) == [f"step-{steps:08d}", f"step-{steps - 1:08d}"], seed
 
 
 @pytest.mark.slow
