@@ -1,6 +1,8 @@
 """Fault injection on the real trainer CLI (tiny preset, demo corpus): every checkpoint broken, SIGKILL of the
-whole process tree inside a save, non-finite losses; and on the loader: shards missing or truncated after
-the index was written, a label sidecar deleted mid-run. The checkpointer's own faults (pruning around broken
+whole process tree inside a save and at random moments, non-finite losses; on the loader: shards missing or
+truncated after the index was written, a label sidecar deleted mid-run; and SIGKILL at random moments of the
+offline stages (data.shards build, teachers.kmeans dump, teachers.encodec dump). MUSICPT_FAULT_KILLS and
+MUSICPT_FAULT_STAGE_KILLS set the number of random kills (CI: 2 and 1; the issue's counts are 20 and 5). The checkpointer's own faults (pruning around broken
 checkpoints, checksums, a full disk, a load failing midway) are in tests/test_checkpoint.py."""
 from __future__ import annotations
 
@@ -9,14 +11,17 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
+from conftest import tone, write
 from test_checkpoint import snapshot
 from test_train import ENV, ROOT, command, final_weights, kill_tree, metrics, run, samples, wait_for_step
 
 from data.labels import LabelError
+from data.shards import ShardConfig, build
 from data.stream import AudioLoader, StreamConfig
 from pretrain.checkpoint import MODEL_STATES, RUN_FILES, SAVE_POINTS, checkpoint_names
 
@@ -100,7 +105,7 @@ def test_sigkill_inside_saves_at_every_point_then_the_run_ends_as_the_uninterrup
     assert not [n for n in names if n.startswith(".tmp")] and "broken" not in names, names
 
 
-KILLS = int(os.environ.get("MUSICPT_FAULT_KILLS", "3"))  # random SIGKILLs per test; the issue's full count is 20
+KILLS = int(os.environ.get("MUSICPT_FAULT_KILLS", "2"))  # random SIGKILLs of the training run; the issue asks 20
 
 
 def last_logged_step(run_dir) -> int:
@@ -238,3 +243,70 @@ def test_a_label_sidecar_deleted_mid_run_stops_the_loader_naming_it(copied):
                                          r"missing .*re-run the teacher's dump"):
         for _ in stream:
             pass
+
+
+STAGE_KILLS = int(os.environ.get("MUSICPT_FAULT_STAGE_KILLS", "1"))  # per offline stage; the issue's count is 5
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory) -> str:
+    """12 seconds of tones in 3 shards: enough for the teachers' dumps to be killed midway, cheaply."""
+    root = tmp_path_factory.mktemp("small")
+    for i in range(3):
+        write(root / "audio" / f"tone{i}.wav", tone(4, 24000, freq=220 * (i + 1)), 24000)
+    build(str(root / "audio"), str(root / "shards"), ShardConfig(shard_bytes=100_000))
+    return str(root / "shards")
+
+
+def stage_commands(train_data, small_shards, tmp_path) -> dict[str, list[str]]:
+    """Each offline stage's CLI on a test corpus, writing to the folder OUT."""
+    base, shards = os.path.dirname(train_data[0]), small_shards
+    config = tmp_path / "kmeans.yaml"
+    config.write_text(f"name: logmel_chroma\nshards: {shards}\nout: {base}/kmeans\nmax_frames: 2000\n"
+                      "streams:\n  - {name: logmel, k: 16, features: {kind: logmel, n_mels: 64}}\n"
+                      "  - {name: chroma, k: 8, features: {kind: chroma}}\n")
+    python = [sys.executable]
+    return {
+        "shards": python + ["-m", "data.shards", "build", "--input", f"{base}/corpus/audio", "--out", "OUT",
+                            "--workers", "1", "--shard-size", "100K"],
+        "kmeans": python + ["-m", "teachers.kmeans", "dump", "--config", str(config), "--workers", "1", "labels=OUT"],
+        "encodec": python + ["-m", "teachers.encodec", "dump", "--shards", shards, "--labels", "OUT",
+                             "--random-init", "--device", "cpu", "--workers", "1"],
+    }
+
+
+def run_stage(cmd: list[str], out, kill_after: float | None = None) -> float:
+    """Runs `cmd` writing to `out`; with `kill_after`, SIGKILLs its process tree after that many seconds."""
+    cmd = [part.replace("OUT", str(out)) for part in cmd]
+    started = time.perf_counter()
+    process = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, errors = process.communicate(timeout=kill_after if kill_after is not None else 600)
+    except subprocess.TimeoutExpired:
+        kill_tree(process.pid)
+        process.communicate()
+        return kill_after
+    assert process.returncode == 0 or kill_after is not None, errors[-3000:]
+    return time.perf_counter() - started
+
+
+def outputs(out) -> dict[str, bytes | None]:
+    """The stage's output bytes, less its run reports (they count what this particular run did)."""
+    return {name: data for name, data in snapshot(out).items()
+            if not os.path.basename(name).startswith(("report", "dump.json"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["shards", "kmeans", "encodec"])
+def test_sigkill_at_random_moments_of_an_offline_stage_then_its_output_is_byte_identical(train_data, small_shards,
+                                                                                        tmp_path, stage):
+    cmd = stage_commands(train_data, small_shards, tmp_path)[stage]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    duration = run_stage(cmd, clean)
+    seed = random.randrange(2 ** 32)
+    moments = [random.Random(seed + i).uniform(0.3, 1.0) * duration for i in range(STAGE_KILLS)]
+    print(f"{stage} seed {seed}: kills after {[round(m, 2) for m in moments]} s of a {duration:.1f} s run")
+    for moment in moments:
+        run_stage(cmd, killed, kill_after=moment)
+    run_stage(cmd, killed)
+    assert outputs(killed) == outputs(clean), seed
