@@ -5,7 +5,10 @@ One process per device: run it plainly (a world of one), or under
 launcher. A run lives in `train.run_dir`; starting again in the same folder
 resumes from its newest valid checkpoint, exactly: model, optimizer,
 schedule, loss scale, data stream position, masking and dropout RNGs.
-SIGTERM or SIGUSR1 (cluster preemption) saves a checkpoint and exits.
+When it holds checkpoints and none of them loads, the start is refused
+before anything on disk changes (pretrain/checkpoint.py; train.restart=true
+moves the old run aside and starts over). SIGTERM or SIGUSR1 (cluster
+preemption) saves a checkpoint and exits.
 """
 from __future__ import annotations
 
