@@ -95,6 +95,27 @@ def stream_mono(path: str, block_seconds: float = 10.0) -> Iterator[np.ndarray]:
                 return
 
 
+def samples_problem(audio: np.ndarray) -> str | None:
+    """Why decoded samples must not be used by any stage (sharding, extraction), or None."""
+    if not np.isfinite(audio).all():
+        return "non_finite"
+    return None
+
+
+def check_samples(audio: np.ndarray, where: str = "") -> np.ndarray:
+    """`audio`, or AudioError with the reason the sharder reports for the same samples."""
+    problem = samples_problem(audio)
+    if problem:
+        bad = int(np.count_nonzero(~np.isfinite(audio)))
+        raise AudioError(problem, f"{bad} NaN or Inf samples{where}")
+    return audio
+
+
+def decode_mono(path: str) -> np.ndarray:
+    """A whole file as float32 mono at SAMPLE_RATE, checked like the sharder's segments (AudioError if not)."""
+    return check_samples(np.concatenate(list(stream_mono(path)) or [np.zeros(0, np.float32)]))
+
+
 def _short(error: Exception) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return text[:200]

@@ -33,7 +33,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from data.audio import AUDIO_EXTENSIONS, FRAME_SAMPLES, SAMPLE_RATE, AudioError, probe, stream_mono
+from data.audio import AUDIO_EXTENSIONS, FRAME_SAMPLES, SAMPLE_RATE, AudioError, probe, samples_problem, stream_mono
 from data.cluster import rank_world
 from data.files import atomic_write_json, read_json
 from data.index import INDEX_NAME, shard_name, summary_path, try_write_index
@@ -171,8 +171,8 @@ def iter_segments(path: str, length: int) -> Iterator[tuple[int, np.ndarray]]:
 def segment_problem(audio: np.ndarray, cfg: ShardConfig) -> str | None:
     if len(audio) < cfg.min_segment_seconds * SAMPLE_RATE:
         return "too_short"
-    if not np.isfinite(audio).all():
-        return "non_finite"
+    if samples_problem(audio):
+        return samples_problem(audio)
     rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
     if rms <= 10 ** (cfg.silence_db / 20):
         return "silent"

@@ -38,7 +38,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from data.audio import FRAME_SAMPLES, SAMPLE_RATE, AudioError, stream_mono
+from data.audio import FRAME_SAMPLES, SAMPLE_RATE, AudioError, check_samples, decode_mono
 from data.files import atomic_write_bytes, atomic_write_json, read_json
 from data.shards import list_sources
 from data.tar import read_samples
@@ -111,11 +111,11 @@ def clips(input_path: str):
         index = read_json(os.path.join(input_path, "index.json"), "the shard index")
         for shard in index["shards"]:
             for _, _, key, parts in read_samples(os.path.join(input_path, shard["name"])):
-                yield key, (lambda flac=parts["flac"]: sf.read(io.BytesIO(flac), dtype="float32")[0])
+                yield key, (lambda flac=parts["flac"]: check_samples(sf.read(io.BytesIO(flac), dtype="float32")[0]))
         return
     root, names = list_sources(input_path)
     for name in names:
-        yield name, (lambda path=os.path.join(root, name): np.concatenate(list(stream_mono(path)) or [np.zeros(0, np.float32)]))
+        yield name, (lambda path=os.path.join(root, name): decode_mono(path))
 
 
 def windows(audio: np.ndarray, cfg: ExtractConfig) -> list[tuple[np.ndarray, int]]:
@@ -273,7 +273,7 @@ def extract(input_path: str, out: str, layers_of, cfg: ExtractConfig, model_info
                 raise AudioError("too_short", f"{len(audio)} samples")
         except (AudioError, sf.LibsndfileError, RuntimeError, ValueError) as error:
             reason = getattr(error, "reason", type(error).__name__)
-            output.skip(clip, f"{reason}: {error}")
+            output.skip(clip, f"{reason}: {getattr(error, 'detail', error)}")
             report["skipped"][reason] = report["skipped"].get(reason, 0) + 1
             continue
         pending.add(clip, len(audio) / SAMPLE_RATE, windows(audio, cfg))

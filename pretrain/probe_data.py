@@ -138,9 +138,12 @@ def _load_example(folder: str, line: int, row: dict, num_layers: int) -> np.ndar
         array = np.load(path)
     except (FileNotFoundError, ValueError, OSError) as error:
         raise ProbeError(f"{path} (index.jsonl:{line}): cannot read ({error}); re-extract the folder") from None
-    if array.ndim != 2 or array.shape[0] != num_layers or not np.isfinite(array).all():
-        raise ProbeError(f"{path}: shape {array.shape} (or non-finite values); info.json promises "
-                         f"[{num_layers}, dim] finite features")
+    if array.ndim != 2 or array.shape[0] != num_layers:
+        raise ProbeError(f"{path}: shape {array.shape}; info.json promises [{num_layers}, dim] features")
+    if not np.isfinite(array).all():
+        raise ProbeError(f"{path}: clip {row['clip']} has non-finite features (NaN or Inf), which would poison the "
+                         "probe; its audio probably holds NaN/Inf samples. Re-extract: pretrain.extract skips such "
+                         "clips into skipped.jsonl")
     return array.astype(np.float32, copy=False)
 
 

@@ -73,7 +73,8 @@ def test_a_killed_run_resumes_and_bad_audio_is_skipped(clips, tmp_path):
     assert sorted(row["clip"] for row in again["rows"]) == ["a.wav", "sub/b.flac"]
     assert os.stat(path).st_mtime_ns == stamp  # not redone
     skipped = [json.loads(line) for line in open(os.path.join(again["out"], "skipped.jsonl"))]
-    assert [s["clip"] for s in skipped] == ["broken.wav"] and "undecodable" in skipped[0]["reason"]
+    assert [s["clip"] for s in skipped] == ["broken.wav"] and skipped[0]["reason"].startswith("undecodable: ")
+    assert "undecodable: undecodable" not in skipped[0]["reason"]  # the reason once, then the detail
     with pytest.raises(SystemExit, match="other settings"):
         run(tmp_path, "--input", str(clips), "--pooling", "mean_std")
 
@@ -124,3 +125,14 @@ def test_random_init_uses_the_configs_train_seed_like_the_trainer(clips, tmp_pat
         out_layers = encoder(torch.from_numpy(tone(3.0, SAMPLE_RATE, 440)).view(3, SAMPLE_RATE), all_layers=True)["layers"]
     expected = torch.stack([layer.mean(dim=(0, 1)) for layer in out_layers]).numpy()
     assert np.allclose(got[1:], expected, atol=1e-5)
+
+
+def test_a_float_wav_with_nan_or_inf_samples_is_skipped_with_the_sharders_reason(clips, tmp_path):
+    for name, bad in (("nan.wav", np.nan), ("inf.wav", np.inf)):
+        audio = tone(2.0, SAMPLE_RATE, 330)
+        audio[1000] = bad
+        write(clips / name, audio, SAMPLE_RATE, subtype="FLOAT")
+    result = run(tmp_path, "--input", str(clips))
+    assert sorted(row["clip"] for row in result["rows"]) == ["a.wav", "sub/b.flac"]
+    skipped = {s["clip"]: s["reason"] for s in map(json.loads, open(os.path.join(result["out"], "skipped.jsonl")))}
+    assert skipped == {"inf.wav": "non_finite: 1 NaN or Inf samples", "nan.wav": "non_finite: 1 NaN or Inf samples"}

@@ -303,6 +303,11 @@ def error_case(tmp_path, case: str):
         os.remove(os.path.join(features, "info.json"))
     elif case == "no npy":
         os.remove(os.path.join(features, "features", "0003_0.npy"))
+    elif case == "non-finite features":
+        path = os.path.join(features, "features", "0003_0.npy")
+        array = np.load(path)
+        array[0, 0] = np.nan
+        np.save(path, array)
     elif case == "no labels file":
         task["labels"] = str(tmp_path / "missing.jsonl")
     elif case == "clip without labels":
@@ -327,6 +332,7 @@ def error_case(tmp_path, case: str):
     ("no features folder", r"nowhere: no such folder; make one with python -m pretrain\.extract"),
     ("no info.json", r"info\.json: missing the features description"),
     ("no npy", r"0003_0\.npy \(index\.jsonl:4\): cannot read"),
+    ("non-finite features", r"0003_0\.npy: clip audio/clip_0003\.wav has non-finite features .*Re-extract"),
     ("no labels file", r"missing\.jsonl: missing the labels"),
     ("clip without labels", r"index\.jsonl: 1 of 30 clips have no row in .*labels\.jsonl .*audio/clip_0000\.wav"),
     ("empty split", r"labels\.jsonl: no test examples .*--resplit"),
