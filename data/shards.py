@@ -37,6 +37,7 @@ from data.audio import AUDIO_EXTENSIONS, FRAME_SAMPLES, SAMPLE_RATE, AudioError,
 from data.cluster import rank_world
 from data.files import atomic_write_json, read_json
 from data.index import INDEX_NAME, shard_name, summary_path, try_write_index
+from data.logs import setup_logging
 
 PLAN_NAME = "plan.json"
 # Planning estimate for 16-bit mono 24 kHz level-0 FLAC of music (PCM is 48 kB/s; FLAC keeps ~60-70%).
@@ -347,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-sample-rate", type=int, default=defaults.min_sample_rate)
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the file-to-shard shuffle")
     args = parser.parse_args(argv)
+    setup_logging(args.rank)
     cfg = ShardConfig(args.segment_seconds, args.min_segment_seconds, args.shard_size, args.silence_db, args.min_sample_rate, args.seed)
     report = build(args.input, args.out, cfg, args.workers, args.rank, args.world)
     print(format_report(report), file=sys.stderr)

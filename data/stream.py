@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from typing import Iterator
@@ -44,11 +43,13 @@ from data.audio import FRAME_SAMPLES, SAMPLE_RATE
 from data.cluster import rank_world
 from data.index import read_index
 from data.labels import SidecarReader, check_labels
+from data.logs import Throttled, logger
 from data.tar import Member, read_one, read_samples
 
 STATE_VERSION = 1
 MAX_BAD_IN_A_ROW = 100
 LAZY = ("flac",)  # audio stays in the shard until its crop is decoded
+log = logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class ShardStream(IterableDataset):
         self.shard_bytes = shard_bytes or {}  # name -> size in the index: a shard of another size is skipped
         self.bad_shards: set[str] = set()  # found missing or truncated by this worker
         self.readers: dict[str, SidecarReader] | None = None  # opened lazily, in the worker
+        self.throttle = Throttled(log)  # per-sample warnings: the first few of a kind, then one in 100
         self.state = self._initial_state()
 
     def _initial_state(self) -> dict:
@@ -168,8 +170,8 @@ class ShardStream(IterableDataset):
         """Counts and warns about a shard that cannot be read; stops when no shard can be."""
         self.bad_shards.add(name)
         self.state["skipped_shards"] = self.state.get("skipped_shards", 0) + 1
-        warnings.warn(f"{os.path.join(self.cfg.shards, name)}: {problem}; skipped (shard skip "
-                      f"{self.state['skipped_shards']} of this reader). Rebuild it with python -m data.shards build")
+        self.throttle.warning("shards skipped", f"{os.path.join(self.cfg.shards, name)}: {problem}; skipped (shard skip "
+                              f"{self.state['skipped_shards']} of this reader). Rebuild it with python -m data.shards build")
         if self.bad_shards >= set(self.names):
             raise RuntimeError(f"{self.cfg.shards}: every shard is missing or truncated ({problem} for {name}); "
                                "rebuild them with python -m data.shards build")
@@ -233,7 +235,8 @@ class ShardStream(IterableDataset):
 
     def _bad(self, ref: list, key: str, error: Exception) -> None:
         self.state["bad"] += 1
-        warnings.warn(f"{ref[0]} sample {key} (byte {ref[1]}): skipped, {type(error).__name__}: {error}")
+        self.throttle.warning("unreadable samples skipped",
+                              f"{ref[0]} sample {key} (byte {ref[1]}): skipped, {type(error).__name__}: {error}")
         if self.state["bad"] >= MAX_BAD_IN_A_ROW:
             raise RuntimeError(f"{self.state['bad']} unreadable samples in a row, last in {ref[0]}; rebuild those shards")
         return None
@@ -281,7 +284,8 @@ class AudioLoader:
         if not names:
             raise ValueError(f"{cfg.shards}: the shard index lists no samples; check the build report there")
         if not cfg.train and len(names) < self.world * max(1, cfg.num_workers):
-            warnings.warn(f"{cfg.shards}: {len(names)} shards for {self.world * max(1, cfg.num_workers)} readers; some read nothing")
+            log.warning("%s: %d shards for %d readers; some read nothing", cfg.shards, len(names),
+                        self.world * max(1, cfg.num_workers))
         self.manifests = self._check_labels()
         teachers = {m["teacher"]: (folder, m["codebooks"]) for folder, m in zip(cfg.labels, self.manifests)}
         sizes = {s["name"]: s["bytes"] for s in self.index["shards"]}
@@ -299,7 +303,7 @@ class AudioLoader:
             raise ValueError(f"StreamConfig.labels {self.cfg.labels}: two folders hold the same teacher ({names}); keep one")
         for folder, manifest in zip(self.cfg.labels, manifests):
             if manifest.get("random_init"):
-                warnings.warn(f"{folder}: teacher {manifest['teacher']} was a random-init model (tests only)")
+                log.warning("%s: teacher %s was a random-init model (tests only)", folder, manifest["teacher"])
         return manifests
 
     def __iter__(self) -> Iterator[dict]:

@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 
 from data.files import atomic_write_bytes, atomic_write_json, read_json
+from data.logs import logger
 from pretrain import faults
 
 PATTERN = re.compile(r"^step-(\d{8})$")
@@ -51,6 +52,7 @@ MANIFEST = "complete.json"
 HASH_CHUNK = 16 << 20  # bytes read per crc32 update
 SAVE_POINTS = ("written", "sealed", "renamed", "pruning")  # where faults.pause_at may stop a save (rank 0)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "samples", "status.json", "config.yaml")
+log = logger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -227,9 +229,9 @@ def refusal(run_dir: str, root: str, failures: dict[str, str]) -> str:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str, rank: int, world: int, keep: int, say: Callable[[str], None] = print):
+    def __init__(self, run_dir: str, rank: int, world: int, keep: int):
         self.run_dir, self.root = run_dir, os.path.join(run_dir, "checkpoints")
-        self.rank, self.world, self.keep, self.say = rank, world, keep, say
+        self.rank, self.world, self.keep = rank, world, keep
         self.verified: set[str] = set()  # checked by content in this process: pruning trusts them
 
     def complete(self) -> list[str]:
@@ -310,14 +312,14 @@ class Checkpointer:
         """Keeps the train.keep newest good checkpoints; moves the broken ones to broken/ (rank 0, after a save)."""
         problem = find_problem(os.path.join(self.root, tag(step)), content=False)
         if problem:  # cannot happen unless the disk changed under us; then prune nothing
-            self.say(f"warning: the new checkpoint {tag(step)} fails its check right after saving ({problem}); "
-                     "nothing pruned")
+            log.warning("the new checkpoint %s fails its check right after saving (%s); nothing pruned",
+                        tag(step), problem)
             return
         good = 0
         for name in self.complete():
             problem = find_problem(os.path.join(self.root, name), content=name not in self.verified)
             if problem:
-                self.say(f"warning: checkpoint {name} is broken ({problem}); moved to {self.root}/broken/")
+                log.warning("checkpoint %s is broken (%s); moved to %s/broken/", name, problem, self.root)
                 set_aside_broken(self.root, name, problem)
                 continue
             self.verified.add(name)
@@ -353,7 +355,8 @@ class Checkpointer:
                     engine = rebuild()
             if problem:
                 failures[name] = problem
-                self.say(f"warning: checkpoint {os.path.join(self.root, name)} skipped: {problem}")
+                if self.rank == 0:  # every rank knows the same problems
+                    log.warning("checkpoint %s skipped: %s", os.path.join(self.root, name), problem)
                 continue
             self.verified.add(name)
             self._set_aside_all(failures)
@@ -387,13 +390,13 @@ class Checkpointer:
     def _set_aside_all(self, failures: dict[str, str]) -> None:
         if self.rank == 0:
             for name, why in failures.items():
-                self.say(f"moved {name} to {set_aside_broken(self.root, name, why)}")
+                log.info("moved %s to %s", name, set_aside_broken(self.root, name, why))
         barrier()
 
     def _restart(self) -> None:
         if self.rank == 0:
-            self.say(f"train.restart: none of the checkpoints loads; the old run is now in "
-                     f"{move_run_aside(self.run_dir)}; starting from step 0")
+            log.warning("train.restart: none of the checkpoints loads; the old run is now in %s; starting from step 0",
+                        move_run_aside(self.run_dir))
         barrier()
 
 

@@ -14,17 +14,18 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from dataclasses import asdict
 
 import torch
 
 from data.files import read_json
+from data.logs import logger, setup_logging
 from pretrain.checkpoint import MANIFEST, find_problem, fp32_master_weights, module_weights, newest
 from pretrain.config import from_yaml
 from pretrain.model import Encoder, EncoderConfig
 
 FORMAT = "musicpt-encoder-v1"
+log = logger(__name__)
 
 
 def checkpoint_folder(path: str) -> str:
@@ -42,7 +43,7 @@ def fp32_weights(folder: str, precision: str, zero_stage: int) -> dict[str, torc
     if precision != "fp32" and zero_stage >= 1:
         return fp32_master_weights(folder)
     if precision != "fp32":
-        warnings.warn(f"{folder}: {precision} training with ZeRO stage 0; exporting the {precision} weights as fp32")
+        log.warning("%s: %s training with ZeRO stage 0; exporting the %s weights as fp32", folder, precision, precision)
     return {name: tensor.float() for name, tensor in module_weights(folder).items()}
 
 
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt", required=True, help="a run directory (its newest checkpoint) or a checkpoint folder")
     parser.add_argument("--out", required=True, help="the .pt file to write")
     args = parser.parse_args(argv)
+    setup_logging()
     try:
         report = export(args.ckpt, args.out)
     except (FileNotFoundError, ValueError) as error:

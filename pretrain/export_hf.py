@@ -66,6 +66,7 @@ import torch
 from safetensors.torch import save_file
 
 from data.audio import SAMPLE_RATE
+from data.logs import setup_logging
 from pretrain.export import load_any
 from pretrain.model import Encoder, EncoderConfig
 
@@ -280,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="the folder to write (empty, new, or a previous export)")
     parser.add_argument("--name", default=None, help="the model's name in README.md (default: musicpt-<size>)")
     args = parser.parse_args(argv)
+    setup_logging()
     try:
         report = export_hf(args.ckpt, args.out, args.name)
     except (FileNotFoundError, ValueError) as error:

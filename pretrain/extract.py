@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from data.audio import FRAME_SAMPLES, SAMPLE_RATE, AudioError, check_samples, decode_mono
 from data.files import atomic_write_bytes, atomic_write_json, read_json
+from data.logs import setup_logging
 from data.shards import list_sources
 from data.tar import read_samples
 
@@ -330,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, help="for --random-init (default: the config's train.seed, as the trainer)")
     parser.add_argument("--limit", type=int, help="only the first N clips")
     args = parser.parse_args(argv)
+    setup_logging()
     try:
         layers_of, model_info, crop = layers_source(args, torch.device(args.device))
     except (FileNotFoundError, ValueError) as error:

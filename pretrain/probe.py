@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from data.files import atomic_write_bytes, atomic_write_json
+from data.logs import setup_logging
 # ProbeError, ProbeSettings and load_task are also this module's interface: code imports them from here
 from pretrain.probe_data import (SPLITS, Features, ProbeData, ProbeSettings, TaskConfig, as_task, load_features,
                                  load_task, prepare)
@@ -509,6 +510,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    setup_logging()
     settings = ProbeSettings(seed=args.seed, lrs=args.lrs, max_epochs=args.max_epochs, patience=args.patience,
                              batch_size=args.batch_size, hidden=args.hidden, dropout=args.dropout,
                              weight_decay=args.weight_decay, layers=args.layers, weighted_sum=not args.no_weighted_sum,

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from data.audio import SAMPLE_RATE
 from data.files import atomic_write_bytes, atomic_write_json
+from data.logs import logger, setup_logging
 from data.stream import AudioLoader
 from pretrain import faults
 from pretrain.checkpoint import CheckpointError, Checkpointer
@@ -42,6 +43,7 @@ FREE_TO_CHANGE = ("train.steps", "train.log_every", "train.save_every", "train.k
                   "train.peak_tflops", "train.force_resume", "train.log_samples", "train.run_dir",
                   "train.min_loss_scale", "train.restart", "train.eval_", "train.collapse_", "optim.", "data.shards", "data.prefetch_factor")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+log = logger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -62,7 +64,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed_of(cfg.train.seed, rank, 2))  # masks and mixup
         self.step, self.samples, self.audio_seconds, self.nonfinite = 0, 0, 0.0, 0
         self.stop_signal, self.stop_agreed, self.consecutive_nonfinite = 0, False, 0  # signal seen here / by all ranks
-        self.checkpointer = Checkpointer(self.run_dir, rank, world, cfg.train.keep, say=self.say)
+        self.checkpointer = Checkpointer(self.run_dir, rank, world, cfg.train.keep)
         self.resume()  # refuses (CheckpointError) before anything on disk changes
         self.checkpointer.remove_stale_temporaries()
         self.metrics = Metrics(self.run_dir, rank, self.step)
@@ -103,15 +105,16 @@ class Trainer:
         except ValueError as error:
             if not self.cfg.train.force_resume:
                 raise
-            warnings.warn(f"train.force_resume: the data stream starts afresh ({error})")
+            log.warning("train.force_resume: the data stream starts afresh (%s)", error)
 
     def resume(self) -> None:
         self.engine, step, state = self.checkpointer.resume(self.engine, self.new_engine, self.check_resumable,
                                                             restart=self.cfg.train.restart)
         if step is not None:
             self.load_state_dict(state)
-            self.say(f"resumed from {self.checkpointer.root}/step-{step:08d} (step {self.step}, "
-                     f"{self.audio_seconds / 3600:.2f} h of audio seen)")
+            if self.rank == 0:
+                log.info("resumed from %s/step-%08d (step %d, %.2f h of audio seen)", self.checkpointer.root, step,
+                         self.step, self.audio_seconds / 3600)
 
     def check_resumable(self, saved_yaml: str, manifest: dict) -> None:
         saved, now = flatten(asdict(from_yaml(saved_yaml))), flatten(asdict(self.cfg))
@@ -126,7 +129,8 @@ class Trainer:
 
     def save(self) -> None:
         folder = self.checkpointer.save(self.engine, self.step, self.state_dict(), to_yaml(self.cfg))
-        self.say(f"checkpoint {folder}")
+        if self.rank == 0:
+            log.info("checkpoint %s", folder)
 
     # -- training
 
@@ -204,7 +208,7 @@ class Trainer:
     def skip_nonfinite(self, batch: dict) -> None:
         self.nonfinite += 1
         self.consecutive_nonfinite += 1
-        print(f"rank {self.rank}: step {self.step + 1}: non-finite loss, batch skipped (keys {batch['keys']})", flush=True)
+        log.warning("step %d: non-finite loss, batch skipped (keys %s)", self.step + 1, batch["keys"])
         if self.consecutive_nonfinite >= self.cfg.train.max_nonfinite:
             raise TrainingError(
                 f"step {self.step + 1}: {self.consecutive_nonfinite} batches in a row gave a non-finite loss "
@@ -263,6 +267,7 @@ class Trainer:
         return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), 0.0)
 
     def say(self, text: str) -> None:
+        """The console's progress lines (rank 0): the step line and the evaluation's; other messages are logged."""
         if self.rank == 0:
             bar = getattr(self, "bar", None)
             if bar is not None and not bar.disable:
@@ -287,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=1000 data.batch_size=4")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = parser.parse_args(argv)
+    setup_logging()
     warnings.filterwarnings("ignore", message=".*padding with reflection mode.*")  # nnAudio's CQT, every step
     try:
         cfg = load_config(args.config, args.overrides)

@@ -21,11 +21,13 @@ import sys
 import torch
 
 from data.audio import FRAME_SAMPLES
+from data.logs import logger, setup_logging
 from teachers.dump import dump, format_report, restart_with_tuned_malloc
 
 WEIGHTS_NAME = "encodec_24khz-d7cc33bc.th"
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/encodec/v0/" + WEIGHTS_NAME
 BANDWIDTH_CODEBOOKS = {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}
+log = logger(__name__)
 
 
 def load_state(weights: str | None) -> dict:
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int)
     parser.add_argument("--world", type=int)
     args = parser.parse_args(argv)
+    setup_logging(args.rank)
     if args.random_init and args.weights:
         parser.error("--random-init and --weights exclude each other")
     workers = 1 if args.device.startswith("cuda") else args.workers
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = args.labels or os.path.join(args.shards, "labels", "encodec")
     report = dump(make_teacher, args.shards, labels, workers, args.rank, args.world)
     if args.random_init:
-        print("note     random-init EnCodec: these codes are for tests, not for pretraining", file=sys.stderr)
+        log.warning("random-init EnCodec: the codes in %s are for tests, not for pretraining", labels)
     print(format_report(report), file=sys.stderr)
 
 

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from data.files import atomic_write_bytes, atomic_write_json, read_json
 from data.index import read_index
+from data.logs import setup_logging
 from data.tar import read_samples
 from teachers.dump import dump, format_report, restart_with_tuned_malloc
 from teachers.features import FeatureConfig, FeatureExtractor
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world", type=int, help="dump: number of parts (default: from SLURM / WORLD_SIZE)")
     parser.add_argument("overrides", nargs="*", help="key=value over the config, e.g. k=500 max_frames=100000")
     args = parser.parse_intermixed_args(argv)
+    setup_logging(args.rank)
     cfg = load_config(args.config, args.overrides)
     if args.command == "fit":
         record = fit(cfg)

@@ -41,7 +41,7 @@ def accept(saved_yaml, manifest):
 
 
 def save_steps(run_dir, steps, keep=10) -> Checkpointer:
-    saver = Checkpointer(str(run_dir), rank=0, world=1, keep=keep, say=lambda text: None)
+    saver = Checkpointer(str(run_dir), rank=0, world=1, keep=keep)
     for step in steps:
         engine = FakeEngine(float(step))
         engine.optimizer_steps = step
@@ -68,7 +68,7 @@ def snapshot(folder) -> dict[str, bytes | None]:
 
 
 def fresh(run_dir) -> Checkpointer:
-    return Checkpointer(str(run_dir), rank=0, world=1, keep=3, say=lambda text: None)
+    return Checkpointer(str(run_dir), rank=0, world=1, keep=3)
 
 
 def test_a_save_records_every_file_with_its_size_and_crc32(tmp_path):
@@ -167,7 +167,7 @@ def test_pruning_checks_an_older_checkpoint_it_did_not_write_by_content(tmp_path
     data = bytearray(path.read_bytes())
     data[-10] ^= 0x01
     path.write_bytes(bytes(data))
-    saver = Checkpointer(str(tmp_path), rank=0, world=1, keep=2, say=lambda text: None)
+    saver = Checkpointer(str(tmp_path), rank=0, world=1, keep=2)
     saver.save(FakeEngine(6.0), 6, {"step": 6}, "train: {}\n")
     assert checkpoint.checkpoint_names(str(tmp_path / "checkpoints")) == [tag(6), tag(4)]
     assert "crc32" in (tmp_path / "checkpoints" / "broken" / f"{tag(2)}.txt").read_text()

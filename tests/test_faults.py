@@ -6,6 +6,7 @@ MUSICPT_FAULT_STAGE_KILLS set the number of random kills (CI: 1 and 1; the issue
 checkpoints, checksums, a full disk, a load failing midway) are in tests/test_checkpoint.py."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -49,7 +50,7 @@ def test_every_checkpoint_broken_is_refused_leaving_the_run_as_it_was_then_resta
     assert snapshot(run_dir) == before  # same files, same bytes
 
     restarted = run(command(data, run_dir, "train.steps=8", "train.save_every=2", "train.restart=true", procs=2))
-    assert "starting from step 0" in restarted.stdout
+    assert "starting from step 0" in restarted.stderr  # logged
     (previous,) = os.listdir(run_dir / "previous")
     kept = snapshot(run_dir / "previous" / previous)  # the old run, every byte of it
     assert kept == {name: data for name, data in before.items() if name.split(os.sep)[0] in RUN_FILES}
@@ -101,7 +102,7 @@ def test_sigkill_inside_saves_and_a_load_failing_inside_deepspeed_then_the_run_e
                for fault in ("pause@written:4", "pause@sealed:4", "pause@renamed:4")]
     break_inside_deepspeed(interrupted / "checkpoints" / "step-00000004")  # then step-2 in a freshly built engine
     outputs.append(run_until_paused(data, interrupted, extra, "pause@pruning:6", marker))
-    outputs.append(run(command(data, interrupted, *extra, procs=2)).stdout)
+    outputs.append(run(command(data, interrupted, *extra, procs=2)).stderr)  # logged
     assert [resumed_step(output) for output in outputs] == [None, 2, 2, 2, 6]
     assert "step-00000004 skipped: loading failed on rank 0" in outputs[3]
 
@@ -184,7 +185,7 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_batch_on_every_rank_and_is_count
     done = subprocess.run(command(data, run_dir, "train.steps=4", "train.log_samples=true", procs=2), cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 1: step 3: non-finite loss, batch skipped" in done.stdout
+    assert "rank 1 WARNING musicpt.pretrain.train: step 3: non-finite loss, batch skipped" in done.stderr
     rows = metrics(run_dir)
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1] and all(r["loss"] == r["loss"] for r in rows)
     for rank in (0, 1):  # both ranks drew a second batch for step 3: the first was dropped on both
@@ -223,7 +224,7 @@ def keys_by_shard(stream: AudioLoader) -> dict[str, set]:
     return found
 
 
-def test_a_shard_truncated_or_deleted_after_indexing_is_skipped_with_a_counted_warning(copied):
+def test_a_shard_truncated_or_deleted_after_indexing_is_skipped_with_a_counted_warning(copied, caplog):
     shards, labels = copied
     intact = keys_by_shard(loader(shards, labels, train=False, num_workers=0))
     assert sorted(intact) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
@@ -232,21 +233,23 @@ def test_a_shard_truncated_or_deleted_after_indexing_is_skipped_with_a_counted_w
     with open(truncated, "r+b") as file:
         file.truncate(os.path.getsize(truncated) * 2 // 3)  # mid-sample: its last FLAC would decode short
     os.unlink(os.path.join(shards, "shard-000002.tar"))
-    with pytest.warns(UserWarning) as warned:
+    with caplog.at_level(logging.WARNING, logger="musicpt.data.stream"):
         damaged = keys_by_shard(stream)
     assert damaged == {"shard-000000.tar": intact["shard-000000.tar"]}  # nothing from the damaged shards
-    messages = [str(w.message) for w in warned if "skipped (shard skip" in str(w.message)]
+    messages = [r.getMessage() for r in caplog.records if "skipped (shard skip" in r.getMessage()]
     assert any("shard-000001.tar: " in m and "the index says" in m and "skip 1 " in m for m in messages), messages
     assert any("shard-000002.tar: missing" in m and "skip 2 " in m for m in messages), messages
 
 
-def test_every_shard_gone_stops_an_endless_training_stream_instead_of_hanging(copied):
+def test_every_shard_gone_stops_an_endless_training_stream_instead_of_hanging(copied, caplog):
     shards, labels = copied
     stream = loader(shards, labels, num_workers=0)
     for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar"):
         os.unlink(os.path.join(shards, name))
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="every shard is missing or truncated"):
+    with caplog.at_level(logging.WARNING, logger="musicpt.data.stream"), \
+            pytest.raises(RuntimeError, match="every shard is missing or truncated"):
         next(iter(stream))
+    assert sum("skipped (shard skip" in r.getMessage() for r in caplog.records) == 3
 
 
 def test_a_label_sidecar_deleted_mid_run_stops_the_loader_naming_it(copied):

@@ -118,7 +118,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(data
         kill_tree(process.pid)
         process.wait()
     resumed = run(command(data, interrupted, *extra, procs=2))
-    resumed_at = int(re.search(r"resumed from \S+step-(\d+)", resumed.stdout).group(1))
+    resumed_at = int(re.search(r"resumed from \S+step-(\d+)", resumed.stderr).group(1))  # logged
     assert resumed_at < steps  # the kill landed before the end
 
     a, b = metrics(straight), metrics(interrupted)
@@ -155,7 +155,7 @@ def test_preemption_signal_saves_then_a_corrupt_newest_checkpoint_falls_back(dat
     optim.write_bytes(optim.read_bytes()[:1000])
     os.makedirs(run_dir / "checkpoints" / ".tmp-step-99999999")  # what a save killed half-way leaves
     again = run(command(data, run_dir, f"train.steps={stopped_at + 3}", "train.save_every=100"))
-    assert f"step-{stopped_at + 2:08d} skipped" in again.stdout and f"step {stopped_at}," in again.stdout
+    assert f"step-{stopped_at + 2:08d} skipped" in again.stderr and f"step {stopped_at}," in again.stderr  # logged
     assert not os.path.exists(run_dir / "checkpoints" / ".tmp-step-99999999")
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, stopped_at + 4))
 
