@@ -2,11 +2,17 @@
 
     RUN/checkpoints/step-00001200/
         mp_rank_00_model_states.pt, *optim_states.pt  DeepSpeed's engine (model, optimizer, scheduler, scaler)
-        rank-00000.pt ...                              per rank: trainer counters, RNG states, data stream state
+        rank-00000.pt ...                              per rank: the named parts' states (trainer, rng, loader)
         config.yaml                                    the resolved run config
         complete.json                                  written last: step, world, every file's size and crc32
     RUN/checkpoints/latest                             the newest complete one's name (for people and tools)
     RUN/checkpoints/broken/step-N/, step-N.txt         checkpoints found broken, moved here with the reason
+
+The checkpointer is given named stateful parts, torchtitan-style
+(`{"trainer": ..., "rng": ..., "loader": ...}`, each with `state_dict()` and
+`load_state_dict()`); every rank saves their states together in its rank
+file and gets them back on resume. A rank file from before named parts (one
+flat dict) is split into the same parts when read (`parts_of`).
 
 A save goes to `.tmp-step-N/`: every rank writes its part, the files are
 hashed (split over the ranks) and fsynced, rank 0 writes `complete.json`
@@ -38,7 +44,7 @@ import re
 import shutil
 import time
 import zlib
-from typing import Callable
+from typing import Callable, Mapping, Protocol
 
 import torch
 
@@ -52,11 +58,33 @@ MANIFEST = "complete.json"
 HASH_CHUNK = 16 << 20  # bytes read per crc32 update
 SAVE_POINTS = ("written", "sealed", "renamed", "pruning")  # where faults.pause_at may stop a save (rank 0)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "samples", "status.json", "config.yaml")
+RANK_FILE_VERSION = 2  # {"version": 2, "parts": {name: state}}; version 1 was the trainer's flat dict
+VERSION_1_PARTS = {"trainer": ("step", "samples", "audio_seconds", "nonfinite"),
+                   "rng": ("generator", "torch_rng", "cuda_rng"), "loader": None}  # None: the entry of that name
 log = logger(__name__)
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+def parts_of(saved: dict) -> dict[str, dict]:
+    """The named parts' states in a rank file; a version-1 file (the trainer's flat dict, before named parts)
+    is split into the parts that now hold those entries."""
+    if "parts" in saved:
+        return saved["parts"]
+    return {name: saved[name] if keys is None else {key: saved[key] for key in keys}
+            for name, keys in VERSION_1_PARTS.items()}
 
 
 def tag(step: int) -> str:
@@ -229,9 +257,11 @@ def refusal(run_dir: str, root: str, failures: dict[str, str]) -> str:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str, rank: int, world: int, keep: int):
+    """Saves and resumes DeepSpeed's engine with this rank's named `parts` (see the module docstring)."""
+
+    def __init__(self, run_dir: str, rank: int, world: int, keep: int, parts: Mapping[str, Stateful]):
         self.run_dir, self.root = run_dir, os.path.join(run_dir, "checkpoints")
-        self.rank, self.world, self.keep = rank, world, keep
+        self.rank, self.world, self.keep, self.parts = rank, world, keep, dict(parts)
         self.verified: set[str] = set()  # checked by content in this process: pruning trusts them
 
     def complete(self) -> list[str]:
@@ -246,13 +276,14 @@ class Checkpointer:
 
     # -- saving
 
-    def save(self, engine, step: int, rank_state: dict, config_yaml: str) -> str:
+    def save(self, engine, step: int, config_yaml: str) -> str:
         """Collective: every rank calls it. Returns the checkpoint's directory; raises CheckpointError when a
         write fails, after removing the temporary folder."""
         folder = os.path.join(self.root, f".tmp-{tag(step)}")
         if self.rank == 0:
             os.makedirs(self.root, exist_ok=True)
-        self._guarded(folder, lambda: self._write_parts(engine, folder, rank_state, config_yaml))
+        states = self.states()
+        self._guarded(folder, lambda: self._write_parts(engine, folder, states, config_yaml))
         barrier()
         faults.pause_at("written", step)
         self._guarded(folder, lambda: self._seal(folder, step))
@@ -267,9 +298,13 @@ class Checkpointer:
         barrier()
         return final
 
-    def _write_parts(self, engine, folder: str, rank_state: dict, config_yaml: str) -> None:
+    def states(self) -> dict:
+        """This rank's file: every part's state, by name."""
+        return {"version": RANK_FILE_VERSION, "parts": {name: part.state_dict() for name, part in self.parts.items()}}
+
+    def _write_parts(self, engine, folder: str, states: dict, config_yaml: str) -> None:
         engine.save_checkpoint(self.root, tag=os.path.basename(folder), save_latest=False)
-        torch.save(rank_state, os.path.join(folder, f"rank-{self.rank:05d}.pt"))
+        torch.save(states, os.path.join(folder, rank_file(self.rank)))
         if self.rank == 0:
             atomic_write_bytes(os.path.join(folder, "config.yaml"), config_yaml.encode())
 
@@ -337,20 +372,20 @@ class Checkpointer:
     # -- finding and loading
 
     def resume(self, engine, rebuild: Callable[[], object], check_config, restart: bool = False):
-        """Loads the newest good checkpoint into `engine`. Returns (engine, step, this rank's state), or
-        (engine, None, None) to start from step 0: the run holds no checkpoint, or none loads and `restart`
-        (the old run was moved to previous/). Raises CheckpointError when none loads and not `restart`, having
-        changed nothing on disk. `rebuild()` makes a clean engine after a load that failed midway;
+        """Loads the newest good checkpoint into `engine` and this rank's parts. Returns (engine, step), or
+        (engine, None) to start from step 0, the parts untouched: the run holds no checkpoint, or none loads
+        and `restart` (the old run was moved to previous/). Raises CheckpointError when none loads and not
+        `restart`, having changed nothing on disk. `rebuild()` makes a clean engine after a load that failed midway;
         `check_config(saved_yaml, manifest)` raises when the run may not resume from a checkpoint."""
         failures = {}
         for name in self.complete():
             problem = self._verify(name)
-            state = None
+            states = None
             if problem is None:
                 folder = os.path.join(self.root, name)
                 with open(os.path.join(folder, "config.yaml")) as file:
                     check_config(file.read(), read_manifest(folder))
-                problem, state = self._load_agreed(engine, name)
+                problem, states = self._load_agreed(engine, name)
                 if problem:
                     engine = rebuild()
             if problem:
@@ -360,12 +395,13 @@ class Checkpointer:
                 continue
             self.verified.add(name)
             self._set_aside_all(failures)
-            return engine, step_of(name), state
+            self._restore(states)
+            return engine, step_of(name)
         if failures and not restart:
             raise CheckpointError(refusal(self.run_dir, self.root, failures))
         if failures:
             self._restart()
-        return engine, None, None
+        return engine, None
 
     def _verify(self, name: str) -> str | None:
         """The checkpoint's problem as found by all ranks together (each checks its share of the files)."""
@@ -380,12 +416,20 @@ class Checkpointer:
         problems = [p for p in gather(problem) if p]
         return ("; ".join(problems), None) if problems else (None, state)
 
-    def _load(self, engine, name: str) -> dict:
+    def _load(self, engine, name: str) -> dict[str, dict]:
+        """Loads the engine; returns the parts' states from this rank's file (not yet given to the parts)."""
         path, _ = engine.load_checkpoint(self.root, tag=name, load_module_strict=True,
                                          load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError("DeepSpeed found no checkpoint files")
-        return torch.load(os.path.join(self.root, name, f"rank-{self.rank:05d}.pt"), weights_only=True)
+        states = parts_of(torch.load(os.path.join(self.root, name, rank_file(self.rank)), weights_only=True))
+        if set(states) != set(self.parts):
+            raise ValueError(f"{rank_file(self.rank)} holds the parts {sorted(states)}; this run has {sorted(self.parts)}")
+        return states
+
+    def _restore(self, states: dict[str, dict]) -> None:
+        for name, part in self.parts.items():
+            part.load_state_dict(states[name])
 
     def _set_aside_all(self, failures: dict[str, str]) -> None:
         if self.rank == 0:

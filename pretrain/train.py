@@ -54,6 +54,43 @@ def seed_of(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
+class RNGStates:
+    """A rank's random streams as one checkpoint part: the masks-and-mixup generator, torch's default
+    generator (dropout) and, on a GPU, CUDA's."""
+
+    def __init__(self, generator: torch.Generator, device: torch.device):
+        self.generator, self.device = generator, device
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.empty(0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state["cuda_rng"].numel():
+            torch.cuda.set_rng_state(state["cuda_rng"])
+
+
+class StreamState:
+    """The data stream's position as a checkpoint part; with train.force_resume, a stream that cannot resume
+    exactly (other world size, workers or loader settings) starts afresh instead of stopping the run."""
+
+    def __init__(self, loader: AudioLoader, force_resume: bool):
+        self.loader, self.force_resume = loader, force_resume
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            self.loader.load_state_dict(state)
+        except ValueError as error:
+            if not self.force_resume:
+                raise
+            log.warning("train.force_resume: the data stream starts afresh (%s)", error)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, device: torch.device, rank: int, world: int):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
@@ -64,7 +101,9 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed_of(cfg.train.seed, rank, 2))  # masks and mixup
         self.step, self.samples, self.audio_seconds, self.nonfinite = 0, 0, 0.0, 0
         self.stop_signal, self.stop_agreed, self.consecutive_nonfinite = 0, False, 0  # signal seen here / by all ranks
-        self.checkpointer = Checkpointer(self.run_dir, rank, world, cfg.train.keep)
+        parts = {"trainer": self, "rng": RNGStates(self.generator, device),
+                 "loader": StreamState(self.loader, cfg.train.force_resume)}
+        self.checkpointer = Checkpointer(self.run_dir, rank, world, cfg.train.keep, parts)
         self.resume()  # refuses (CheckpointError) before anything on disk changes
         self.checkpointer.remove_stale_temporaries()
         self.metrics = Metrics(self.run_dir, rank, self.step)
@@ -87,31 +126,19 @@ class Trainer:
     # -- state
 
     def state_dict(self) -> dict:
-        """This rank's part of a checkpoint (DeepSpeed saves the engine); safe to torch.load(weights_only=True)."""
+        """The trainer's counters: its checkpoint part beside "rng" and "loader" (DeepSpeed saves the engine)."""
         return {"step": self.step, "samples": self.samples, "audio_seconds": self.audio_seconds,
-                "nonfinite": self.nonfinite, "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.empty(0),
-                "loader": self.loader.state_dict()}
+                "nonfinite": self.nonfinite}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.samples, self.audio_seconds = state["step"], state["samples"], state["audio_seconds"]
         self.nonfinite = state["nonfinite"]
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if self.device.type == "cuda" and state["cuda_rng"].numel():
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        try:
-            self.loader.load_state_dict(state["loader"])
-        except ValueError as error:
-            if not self.cfg.train.force_resume:
-                raise
-            log.warning("train.force_resume: the data stream starts afresh (%s)", error)
 
     def resume(self) -> None:
-        self.engine, step, state = self.checkpointer.resume(self.engine, self.new_engine, self.check_resumable,
-                                                            restart=self.cfg.train.restart)
+        """Loads the engine and the parts (trainer, rng, loader) from the newest good checkpoint, if any."""
+        self.engine, step = self.checkpointer.resume(self.engine, self.new_engine, self.check_resumable,
+                                                     restart=self.cfg.train.restart)
         if step is not None:
-            self.load_state_dict(state)
             if self.rank == 0:
                 log.info("resumed from %s/step-%08d (step %d, %.2f h of audio seen)", self.checkpointer.root, step,
                          self.step, self.audio_seconds / 3600)
@@ -128,7 +155,7 @@ class Trainer:
                               "train.run_dir for a new run, or pass train.force_resume=true to continue anyway.")
 
     def save(self) -> None:
-        folder = self.checkpointer.save(self.engine, self.step, self.state_dict(), to_yaml(self.cfg))
+        folder = self.checkpointer.save(self.engine, self.step, to_yaml(self.cfg))
         if self.rank == 0:
             log.info("checkpoint %s", folder)
 

@@ -1,6 +1,7 @@
 """The checkpointer alone, with a small stand-in for the DeepSpeed engine (a world of one, no process group):
-refusal over broken checkpoints, moving broken ones aside, pruning that counts only good ones, checksums,
-a load that fails midway, and a full disk during a save."""
+named stateful parts saved and given back (and a rank file from before them), refusal over broken
+checkpoints, moving broken ones aside, pruning that counts only good ones, checksums, a load that fails
+midway, and a full disk during a save."""
 from __future__ import annotations
 
 import errno
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from pretrain import checkpoint
-from pretrain.checkpoint import MODEL_STATES, CheckpointError, Checkpointer, crc32_of, find_problem, tag
+from pretrain.checkpoint import MODEL_STATES, CheckpointError, Checkpointer, crc32_of, find_problem, seal, tag
 
 
 class FakeEngine:
@@ -36,17 +37,42 @@ class FakeEngine:
         return folder, {}
 
 
+class Part:
+    """A stateful part as a trainer gives one to the checkpointer: its state is one dict."""
+
+    def __init__(self, **state):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
+
+
 def accept(saved_yaml, manifest):
     pass
 
 
+def save(saver: Checkpointer, engine: FakeEngine, step: int) -> str:
+    saver.parts["trainer"].state = {"step": step}
+    return saver.save(engine, step, "train: {}\n")
+
+
 def save_steps(run_dir, steps, keep=10) -> Checkpointer:
-    saver = Checkpointer(str(run_dir), rank=0, world=1, keep=keep)
+    saver = Checkpointer(str(run_dir), rank=0, world=1, keep=keep, parts={"trainer": Part()})
     for step in steps:
         engine = FakeEngine(float(step))
         engine.optimizer_steps = step
-        saver.save(engine, step, {"step": step}, "train: {}\n")
+        save(saver, engine, step)
     return saver
+
+
+def resumed(run_dir, engine, rebuild, restart=False) -> tuple[FakeEngine, int | None, dict]:
+    """(engine, step, the trainer part's state) after a resume by a fresh checkpointer."""
+    saver = fresh(run_dir)
+    engine, step = saver.resume(engine, rebuild, accept, restart=restart)
+    return engine, step, saver.parts["trainer"].state
 
 
 def truncate(run_dir, step, name=MODEL_STATES):
@@ -68,7 +94,7 @@ def snapshot(folder) -> dict[str, bytes | None]:
 
 
 def fresh(run_dir) -> Checkpointer:
-    return Checkpointer(str(run_dir), rank=0, world=1, keep=3)
+    return Checkpointer(str(run_dir), rank=0, world=1, keep=3, parts={"trainer": Part()})
 
 
 def test_a_save_records_every_file_with_its_size_and_crc32(tmp_path):
@@ -104,21 +130,21 @@ def test_restart_moves_the_old_run_into_previous_and_then_resumes_its_own_checkp
     for step in (2, 4):
         truncate(tmp_path, step)
     old = snapshot(tmp_path)
-    engine, step, state = fresh(tmp_path).resume(FakeEngine(), FakeEngine, accept, restart=True)
-    assert step is None and state is None
+    engine, step, state = resumed(tmp_path, FakeEngine(), FakeEngine, restart=True)
+    assert step is None and state == {}  # the part is left as it was
     (previous,) = os.listdir(tmp_path / "previous")
     assert snapshot(tmp_path / "previous" / previous) == old  # every byte kept, nothing deleted
     assert not os.path.exists(tmp_path / "checkpoints") and not os.path.exists(tmp_path / "metrics.jsonl")
 
     save_steps(tmp_path, [2])  # the new run saves; started again with restart=true it resumes, not restarts
-    engine, step, state = fresh(tmp_path).resume(FakeEngine(), FakeEngine, accept, restart=True)
+    engine, step, state = resumed(tmp_path, FakeEngine(), FakeEngine, restart=True)
     assert step == 2 and state == {"step": 2} and os.listdir(tmp_path / "previous") == [previous]
 
 
 def test_the_newest_broken_is_passed_over_then_moved_to_broken_with_its_reason(tmp_path):
     save_steps(tmp_path, [2, 4, 6])
     truncate(tmp_path, 6, "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    engine, step, state = fresh(tmp_path).resume(FakeEngine(), FakeEngine, accept)
+    engine, step, state = resumed(tmp_path, FakeEngine(), FakeEngine)
     assert step == 4 and state == {"step": 4} and float(engine.weight[0]) == 4.0 and engine.optimizer_steps == 4
     broken = tmp_path / "checkpoints" / "broken"
     assert os.path.isdir(broken / tag(6)) and "optim_states.pt has" in (broken / f"{tag(6)}.txt").read_text()
@@ -132,15 +158,15 @@ def test_a_same_size_corruption_is_caught_by_the_checksum_before_the_engine_read
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     assert "crc32" in find_problem(str(path.parent)) and find_problem(str(path.parent), content=False) is None
-    engine, step, _ = fresh(tmp_path).resume(FakeEngine(), FakeEngine, accept)
+    engine, step = fresh(tmp_path).resume(FakeEngine(), FakeEngine, accept)
     assert step == 2 and float(engine.weight[0]) == 2.0
 
 
 def test_a_load_that_fails_midway_is_followed_by_the_previous_checkpoint_in_a_clean_engine(tmp_path):
     save_steps(tmp_path, [2, 4])
     half_loaded, clean = FakeEngine(fail_after_module=True), FakeEngine()
-    engine, step, state = fresh(tmp_path).resume(half_loaded, lambda: clean, accept)
-    assert engine is clean and step == 2 and float(clean.weight[0]) == 2.0 and clean.optimizer_steps == 2
+    engine, step, state = resumed(tmp_path, half_loaded, lambda: clean)
+    assert engine is clean and step == 2 and state == {"step": 2} and float(clean.weight[0]) == 2.0 and clean.optimizer_steps == 2
     assert float(half_loaded.weight[0]) == 4.0  # the engine the failure left half-loaded is not used
 
 
@@ -150,12 +176,12 @@ def test_pruning_keeps_the_newest_good_ones_and_moves_broken_ones_aside(tmp_path
         truncate(tmp_path, step)
     names = lambda: checkpoint.checkpoint_names(str(tmp_path / "checkpoints"))  # noqa: E731
     saver = fresh(tmp_path)
-    saver.save(FakeEngine(50.0), 50, {"step": 50}, "train: {}\n")
+    save(saver, FakeEngine(50.0), 50)
     assert names() == [tag(50)]  # the broken ones are not counted, and not deleted: moved
     assert sorted(os.listdir(tmp_path / "checkpoints" / "broken")) == sorted(
         [tag(s) for s in (200, 250, 300)] + [f"{tag(s)}.txt" for s in (200, 250, 300)])
     for step in (100, 150, 200, 250):
-        saver.save(FakeEngine(float(step)), step, {"step": step}, "train: {}\n")
+        save(saver, FakeEngine(float(step)), step)
     assert names() == [tag(250), tag(200), tag(150)]  # keep=3 good ones
     assert os.path.isdir(tmp_path / "checkpoints" / "broken" / tag(200))  # the old broken one is still there
     assert [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")] == []
@@ -167,8 +193,8 @@ def test_pruning_checks_an_older_checkpoint_it_did_not_write_by_content(tmp_path
     data = bytearray(path.read_bytes())
     data[-10] ^= 0x01
     path.write_bytes(bytes(data))
-    saver = Checkpointer(str(tmp_path), rank=0, world=1, keep=2)
-    saver.save(FakeEngine(6.0), 6, {"step": 6}, "train: {}\n")
+    saver = Checkpointer(str(tmp_path), rank=0, world=1, keep=2, parts={"trainer": Part()})
+    save(saver, FakeEngine(6.0), 6)
     assert checkpoint.checkpoint_names(str(tmp_path / "checkpoints")) == [tag(6), tag(4)]
     assert "crc32" in (tmp_path / "checkpoints" / "broken" / f"{tag(2)}.txt").read_text()
 
@@ -188,7 +214,7 @@ def test_a_full_disk_during_a_save_keeps_the_earlier_checkpoints_and_names_the_s
     saver = save_steps(tmp_path, [2, 4], keep=3)
     before = snapshot(tmp_path / "checkpoints")
     with pytest.raises(CheckpointError) as failed:
-        saver.save(FullDiskEngine(), 6, {"step": 6}, "train: {}\n")
+        save(saver, FullDiskEngine(), 6)
     message = str(failed.value)
     needed = checkpoint.folder_bytes(str(tmp_path / "checkpoints" / tag(4)))
     assert ".tmp-step-00000006" in message and "disk looks full" in message and "GB are free" in message
@@ -208,7 +234,7 @@ def test_a_torch_writer_failure_in_the_rank_state_is_reported_the_same_way(tmp_p
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(CheckpointError, match=r"\.tmp-step-00000003 failed on rank 0 .*disk looks full"):
-        saver.save(FakeEngine(), 3, {"step": 3}, "train: {}\n")
+        save(saver, FakeEngine(), 3)
     assert snapshot(tmp_path / "checkpoints") == before
 
 
@@ -220,3 +246,43 @@ def test_a_manifest_from_before_checksums_still_loads_by_sizes(tmp_path):
     checkpoint.atomic_write_json(os.path.join(folder, "complete.json"), old)
     assert find_problem(folder) is None
     assert fresh(tmp_path).resume(FakeEngine(), FakeEngine, accept)[1] == 2
+
+
+def test_every_named_part_is_saved_in_the_rank_file_and_given_back_on_resume(tmp_path):
+    parts = {"trainer": Part(step=3), "rng": Part(generator=torch.arange(4)), "loader": Part(offset=17)}
+    saver = Checkpointer(str(tmp_path), rank=0, world=1, keep=3, parts=parts)
+    folder = saver.save(FakeEngine(3.0), 3, "train: {}\n")
+    saved = torch.load(os.path.join(folder, "rank-00000.pt"), weights_only=True)
+    assert saved["version"] == 2 and sorted(saved["parts"]) == ["loader", "rng", "trainer"]
+
+    again = {name: Part() for name in parts}
+    engine, step = Checkpointer(str(tmp_path), rank=0, world=1, keep=3, parts=again).resume(
+        FakeEngine(), FakeEngine, accept)
+    assert step == 3 and float(engine.weight[0]) == 3.0
+    assert again["trainer"].state == {"step": 3} and again["loader"].state == {"offset": 17}
+    assert torch.equal(again["rng"].state["generator"], torch.arange(4))
+
+
+def test_a_rank_file_from_before_named_parts_resumes_into_the_parts(tmp_path):
+    """Version 1 (checkpoints written before named parts): the trainer's one flat dict per rank."""
+    save_steps(tmp_path, [4])
+    folder = str(tmp_path / "checkpoints" / tag(4))
+    flat = {"step": 4, "samples": 32, "audio_seconds": 32.0, "nonfinite": 1, "generator": torch.arange(3),
+            "torch_rng": torch.get_rng_state(), "cuda_rng": torch.empty(0), "loader": {"version": 1, "world": 1}}
+    torch.save(flat, os.path.join(folder, "rank-00000.pt"))
+    seal(folder, 4, world=1)
+    parts = {"trainer": Part(), "rng": Part(), "loader": Part()}
+    _, step = Checkpointer(str(tmp_path), rank=0, world=1, keep=3, parts=parts).resume(FakeEngine(), FakeEngine, accept)
+    assert step == 4
+    assert parts["trainer"].state == {"step": 4, "samples": 32, "audio_seconds": 32.0, "nonfinite": 1}
+    assert sorted(parts["rng"].state) == ["cuda_rng", "generator", "torch_rng"]
+    assert torch.equal(parts["rng"].state["generator"], torch.arange(3))
+    assert parts["loader"].state == {"version": 1, "world": 1}
+
+
+def test_a_checkpoint_without_one_of_the_parts_is_not_loaded(tmp_path):
+    save_steps(tmp_path, [2])  # only a "trainer" part
+    parts = {"trainer": Part(), "loader": Part()}
+    with pytest.raises(CheckpointError, match=r"holds the parts \['trainer'\]; this run has \['loader', 'trainer'\]"):
+        Checkpointer(str(tmp_path), rank=0, world=1, keep=3, parts=parts).resume(FakeEngine(), FakeEngine, accept)
+    assert parts["trainer"].state == {} and parts["loader"].state == {}  # nothing half-restored

@@ -1,5 +1,5 @@
-"""The trainer: exact resume after SIGKILL under 2 processes, checkpoint fallback and refusal, preemption
-signals, export. Each run is the real CLI (`python -m pretrain.train`, `torchrun`) on the tiny preset over a
+"""The trainer: exact resume after SIGKILL under 2 processes and from a checkpoint written before named parts,
+checkpoint fallback and refusal, preemption signals, export. Each run is the real CLI (`python -m pretrain.train`, `torchrun`) on the tiny preset over a
 one-minute demo corpus with k-means log-mel+chroma labels."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from pretrain.checkpoint import module_weights
+from pretrain.checkpoint import module_weights, seal
 from pretrain.config import load_config
 from pretrain.engine import deepspeed_config, lr_factor
 from pretrain.export import load_encoder
@@ -133,6 +133,32 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(data
         assert samples(straight, rank) == samples(interrupted, rank)
     keys = [tuple(row["keys"]) for rank in (0, 1) for row in samples(straight, rank)]
     assert len(keys) == steps * 2
+
+
+def write_version_1_rank_files(folder, world: int) -> None:
+    """Rewrites a checkpoint's rank files as the trainer wrote them before named parts (one flat dict per
+    rank: counters, RNG states and "loader"), then re-seals it."""
+    for rank in range(world):
+        path = os.path.join(folder, f"rank-{rank:05d}.pt")
+        parts = torch.load(path, weights_only=True)["parts"]
+        torch.save({**parts["trainer"], **parts["rng"], "loader": parts["loader"]}, path)
+    seal(str(folder), int(os.path.basename(folder).removeprefix("step-")), world)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_before_named_parts_resumes_exactly(data, tmp_path):
+    extra = ("train.save_every=2", "train.log_samples=true")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(command(data, straight, "train.steps=4", *extra))
+    run(command(data, resumed, "train.steps=2", *extra))
+    write_version_1_rank_files(resumed / "checkpoints" / "step-00000002", world=1)
+    done = run(command(data, resumed, "train.steps=4", *extra))
+    assert re.search(r"resumed from \S+step-00000002 \(step 2,", done.stderr), done.stderr[-2000:]
+    assert [r["step"] for r in metrics(resumed)] == [1, 2, 3, 4]
+    assert all(abs(x["loss"] - y["loss"]) <= 1e-6 for x, y in zip(metrics(straight), metrics(resumed)))
+    wa, wb = final_weights(straight, 4), final_weights(resumed, 4)
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
+    assert samples(straight, 0) == samples(resumed, 0)
 
 
 @pytest.mark.slow
