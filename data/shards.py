@@ -172,8 +172,9 @@ def iter_segments(path: str, length: int) -> Iterator[tuple[int, np.ndarray]]:
 def segment_problem(audio: np.ndarray, cfg: ShardConfig) -> str | None:
     if len(audio) < cfg.min_segment_seconds * SAMPLE_RATE:
         return "too_short"
-    if samples_problem(audio):
-        return samples_problem(audio)
+    problem = samples_problem(audio)
+    if problem:
+        return problem
     rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
     if rms <= 10 ** (cfg.silence_db / 20):
         return "silent"
