@@ -1,6 +1,7 @@
 """Atomic writes and readable JSON errors, shared by every stage that writes files."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -25,6 +26,17 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_temporaries(paths: list[str]) -> int:
+    """Removes the `NAME.XXXX.tmp` files that atomic writes of these final paths left when killed before their
+    rename; returns how many. Only for paths this process alone writes (another writer's may be live)."""
+    removed = 0
+    for path in paths:
+        for leftover in glob.glob(glob.escape(path) + ".*.tmp"):
+            os.remove(leftover)
+            removed += 1
+    return removed
 
 
 def atomic_write_json(path: str, obj: Any) -> None:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from data.audio import AUDIO_EXTENSIONS, FRAME_SAMPLES, SAMPLE_RATE, AudioError, probe, samples_problem, stream_mono
 from data.cluster import rank_world
-from data.files import atomic_write_json, read_json
+from data.files import atomic_write_json, read_json, remove_temporaries
 from data.index import INDEX_NAME, shard_name, summary_path, try_write_index
 from data.logs import setup_logging
 
@@ -267,6 +267,19 @@ def _map(pool, fn, jobs):
     return map(fn, jobs) if pool is None else pool.imap_unordered(fn, jobs, chunksize=1 if fn is write_shard else 16)
 
 
+def report_path(out_dir: str, rank: int, world: int) -> str:
+    return os.path.join(out_dir, "report.json" if world == 1 else f"report.rank{rank}.json")
+
+
+def remove_stale_temporaries(out_dir: str, mine: list[int], rank: int, world: int) -> None:
+    """Temporary files a killed run of this rank left: its shards' `.tmp` tars and the `NAME.XXXX.tmp` files of
+    their summaries and its report (data.files.atomic_write_json). Other ranks' temporaries may be live: kept."""
+    for tar in (os.path.join(out_dir, shard_name(i)) + ".tmp" for i in mine):
+        if os.path.exists(tar):
+            os.remove(tar)
+    remove_temporaries([summary_path(out_dir, i) for i in mine] + [report_path(out_dir, rank, world)])
+
+
 def build(input_path: str, out_dir: str, cfg: ShardConfig, workers: int = 1, rank: int | None = None, world: int | None = None) -> dict:
     """Build (or finish) this rank's shards; returns the report."""
     rank, world = rank_world(rank, world)
@@ -277,6 +290,7 @@ def build(input_path: str, out_dir: str, cfg: ShardConfig, workers: int = 1, ran
     try:
         plan = load_or_make_plan(out_dir, root, rels, cfg, pool)
         mine = [i for i in range(len(plan["shards"])) if i % world == rank]
+        remove_stale_temporaries(out_dir, mine, rank, world)
         todo = [i for i in mine if not os.path.exists(summary_path(out_dir, i))]
         jobs = [(out_dir, i, root, plan["shards"][i], cfg) for i in todo]
         for _ in tqdm(_map(pool, write_shard, jobs), total=len(jobs), desc=f"shards (rank {rank}/{world})", unit="shard", disable=not jobs):
@@ -298,7 +312,7 @@ def build(input_path: str, out_dir: str, cfg: ShardConfig, workers: int = 1, ran
     index = try_write_index(out_dir, plan)
     report["index"] = os.path.join(out_dir, INDEX_NAME) if index else None
     report["content_hash"] = index["content_hash"] if index else None
-    atomic_write_json(os.path.join(out_dir, "report.json" if world == 1 else f"report.rank{rank}.json"), report)
+    atomic_write_json(report_path(out_dir, rank, world), report)
     return report
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from data.audio import FRAME_SAMPLES, SAMPLE_RATE
 from data.cluster import rank_world
-from data.files import atomic_write_json, read_json
+from data.files import atomic_write_json, read_json, remove_temporaries
 from data.index import read_index
 from data.tar import read_samples
 from data.labels import (code_dtype, sidecar_path, summary_path, teacher_identity, try_write_manifest,
@@ -107,6 +107,7 @@ def dump(make_teacher: Callable, shard_dir: str, labels_dir: str, workers: int =
     check_or_start(labels_dir, identity, index)
     names = [s["name"] for s in index["shards"]]
     mine = names[rank::world]
+    remove_temporaries([path for name in mine for path in (summary_path(labels_dir, name), sidecar_path(labels_dir, name))])
     todo = [name for name in mine if not os.path.exists(sidecar_path(labels_dir, name))]
     jobs = [(shard_dir, labels_dir, name) for name in todo]
     progress = tqdm(total=len(jobs), desc=f"{teacher.name} labels (rank {rank}/{world})", unit="shard", disable=not jobs)

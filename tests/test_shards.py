@@ -165,3 +165,18 @@ def test_killed_build_resumes_to_the_same_shards(tmp_path):
     assert f"{len(done)} already done" in resumed.stderr
     assert read_index(str(out))["content_hash"] == read_index(str(tmp_path / "clean"))["content_hash"]
     assert not glob.glob(str(out / "*.tmp"))
+
+
+def test_rerun_removes_the_temporaries_a_killed_build_left(tmp_path, good_corpus):
+    """A kill between a summary's temporary write and its rename leaves `shard-N.json.XXXX.tmp`: the rerun
+    writes that shard again and removes the leftover (another rank's temporaries are not touched)."""
+    cfg, out = ShardConfig(shard_bytes=300_000), tmp_path / "out"
+    build(str(good_corpus), str(out), cfg, workers=1)
+    os.remove(out / "shard-000000.json")
+    for leftover in ("shard-000000.json.k1ll3d.tmp", "shard-000000.tar.tmp", "report.json.x7.tmp"):
+        (out / leftover).write_bytes(b"partial")
+    other_rank = out / "report.rank1.json.live.tmp"
+    other_rank.write_bytes(b"being written")
+    report = build(str(good_corpus), str(out), cfg, workers=1)
+    assert report["shards_written_now"] == 1 and (out / "shard-000000.json").exists()
+    assert sorted(p.name for p in out.glob("*.tmp")) == [other_rank.name]

@@ -129,6 +129,18 @@ def test_kmeans_fit_samples_a_bounded_number_of_frames_and_dump_resumes(shards, 
     assert batch["labels"]["lc"][..., 0].max() < 6 and batch["labels"]["lc"][..., 1].max() < 4
 
 
+def test_a_rerun_dump_removes_the_temporaries_a_kill_left(shards, tmp_path):
+    """Killed inside an atomic write, a dump leaves `shard-N.npz.XXXX.tmp`; the rerun redoes that shard and removes it."""
+    folder = tmp_path / "labels"
+    dump_stage.dump(LevelTeacher, shards, str(folder))
+    sidecar = sorted(folder.glob("shard-*.npz"))[0]
+    sidecar.unlink()
+    leftover = folder / (sidecar.name + ".k1ll3d.tmp")
+    leftover.write_bytes(b"partial")
+    report = dump_stage.dump(LevelTeacher, shards, str(folder))
+    assert sidecar.exists() and not list(folder.glob("*.tmp")), report
+
+
 def test_a_labels_folder_refuses_another_teacher(shards, tmp_path):
     folder = str(tmp_path / "labels")
     dump_stage.dump(LevelTeacher, shards, folder)
