@@ -41,6 +41,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per update; global batch = data.batch_size x grad_accum x world
     precision: str = "fp16"  # "fp32", "bf16" or "fp16" (dynamic loss scale; GPU only)
     zero_stage: int = 1
+    compile: bool = False  # torch.compile the objective (encoder + heads) via DeepSpeed's engine.compile()
     seed: int = 0
     log_every: int = 100
     save_every: int = 2000  # steps; also on SIGTERM / SIGUSR1

@@ -4,7 +4,10 @@ One process per device. Under `torchrun` or the `deepspeed` launcher the
 environment names the rank and world; a plain `python -m pretrain.train`
 is a world of one. On CPU the process group is gloo and Adam is torch's
 (`torch_adam`: DeepSpeed's fused CPU Adam would compile for minutes); on
-GPU it is NCCL.
+GPU it is NCCL. With `train.compile=true` the engine's module (the Objective:
+encoder and heads) goes through DeepSpeed's `engine.compile()`, which is
+`nn.Module.compile` in place: parameter names, so checkpoints, are the same
+compiled or not; `graph_breaks()` reports where Dynamo had to split the step.
 """
 from __future__ import annotations
 
@@ -74,7 +77,8 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return end + (1 - end) * shape
 
 
-def build_engine(model: torch.nn.Module, cfg: RunConfig):
+def build_engine(model: torch.nn.Module, cfg: RunConfig, compile_backend: str = "inductor"):
+    """The DeepSpeed engine around `model`; compiled (torch.compile with `compile_backend`) when train.compile."""
     import deepspeed
 
     def schedule(optimizer):
@@ -82,7 +86,23 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig):
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=deepspeed_config(cfg), lr_scheduler=schedule)
+    if cfg.train.compile:
+        engine.compile(backend=compile_backend)  # compiles lazily, on the first forward
     return engine
+
+
+def graph_breaks() -> dict:
+    """Dynamo's graph breaks in this process since `torch._dynamo.reset()` / counters.clear():
+    {"count": n, "graphs": graphs compiled, "reasons": {short reason: count}}."""
+    from torch._dynamo.utils import counters
+
+    reasons: dict[str, int] = {}
+    for reason, count in counters["graph_break"].items():
+        lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+        context = next((line for line in lines if line.startswith("Developer debug context")), "")
+        short = lines[0] + (f" ({context.removeprefix('Developer debug context:').strip()[:120]})" if context else "")
+        reasons[short] = reasons.get(short, 0) + count
+    return {"count": sum(reasons.values()), "graphs": int(counters["stats"]["unique_graphs"]), "reasons": reasons}
 
 
 def loss_scale(engine) -> float | None:

@@ -39,9 +39,15 @@ from pretrain.objective import Objective
 from pretrain.validate import Validator
 
 # Settings a resumed run may change; any other difference from the checkpoint's config is refused.
+# train.compile is among them: it changes how a step is computed, not what a checkpoint holds or how it loads
+# (engine.compile() compiles the module in place, so parameter names are the same; the optimizer, schedule, loss
+# scale, RNG and stream states are untouched). A run resumed with the same setting continues exactly; flipping it
+# changes later steps only as other hardware would: float rounding of fused kernels and, with dropout > 0, the
+# dropout bits Inductor draws (from the same saved generator) instead of eager's.
 FREE_TO_CHANGE = ("train.steps", "train.log_every", "train.save_every", "train.keep", "train.max_nonfinite",
                   "train.peak_tflops", "train.force_resume", "train.log_samples", "train.run_dir",
-                  "train.min_loss_scale", "train.restart", "train.eval_", "train.collapse_", "optim.", "data.shards", "data.prefetch_factor")
+                  "train.min_loss_scale", "train.restart", "train.eval_", "train.collapse_", "train.compile",
+                  "optim.", "data.shards", "data.prefetch_factor")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 log = logger(__name__)
 
