@@ -127,7 +127,8 @@ class Objective(nn.Module):
                                    bins_per_octave=cfg.cqt_bins_per_octave, output_format="Magnitude", verbose=False)]
             self.cqt_head = nn.Linear(dim, cfg.cqt_bins)
 
-    def cqt(self, audio: torch.Tensor) -> torch.Tensor:
+    @torch.compiler.disable  # train.compile: runs eagerly, as uncompiled (nnAudio pads in a bare try/except that
+    def cqt(self, audio: torch.Tensor) -> torch.Tensor:  # Dynamo cannot trace: short octaves fall back to zeros)
         """[B, N] -> magnitude CQT [B, bins, N // hop + 1] in fp32 on audio's device. Its kernels are not part
         of the module: precision casts (DeepSpeed's bf16/fp16) and checkpoints leave them alone."""
         transform = self._cqt[0]
