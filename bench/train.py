@@ -33,19 +33,21 @@ from pretrain.train import PEAK_TFLOPS  # noqa: E402
 SIZES = {"km": [300, 200]}  # the log-mel + chroma k-means teacher's codebooks
 
 
-def batches(cfg, device, count: int) -> list[tuple]:
+def batches(cfg, device, count: int, sizes: dict[str, list[int]] = SIZES) -> list[tuple]:
+    """`count` batches of random audio and labels (codebook sizes `sizes`, one stream) on `device`."""
+    (stream, books), = sizes.items()
     g = torch.Generator().manual_seed(0)
     size, samples = cfg.data.batch_size, cfg.data.crop_samples
     out = []
     for _ in range(count):
         audio = 0.1 * torch.randn(size, samples, generator=g)
-        codes = torch.stack([torch.randint(0, k, (size, samples // 320), generator=g) for k in SIZES["km"]], dim=-1)
-        out.append((audio.to(device), torch.full((size,), samples, device=device), {"km": codes.to(device)}))
+        codes = torch.stack([torch.randint(0, k, (size, samples // 320), generator=g) for k in books], dim=-1)
+        out.append((audio.to(device), torch.full((size,), samples, device=device), {stream: codes.to(device)}))
     return out
 
 
-def deepspeed_loop(model, cfg):
-    engine = build_engine(model, cfg)
+def deepspeed_loop(model, cfg, compile_backend: str = "inductor"):
+    engine = build_engine(model, cfg, compile_backend)
     generator = torch.Generator().manual_seed(1)
 
     def step(batch):
