@@ -9,7 +9,7 @@ budget, enforced with SIGALRM, that keeps the whole run under 8 minutes on a GPU
            mert_330m at the presets' per-GPU batch, bf16 and fp16, eager and train.compile: audio-seconds per
            second, MFU of pretrain.model.training_flops against the bf16 matmul peak measured here and against the
            datasheet (pretrain.train.PEAK_TFLOPS), peak memory, and Dynamo's graph breaks for compiled rows
-  loader   mert_95m (bf16) trained by pretrain.train.Trainer over shards of the demo corpus on local disk through
+  loader   mert_95m (bf16, k-means labels) trained by pretrain.train.Trainer over shards of the demo corpus on local disk through
            data.stream.AudioLoader at the preset's num_workers: the data-wait fraction of step time
   encodec  the EnCodec teacher (random init: the same network and cost) on the device: real-time factor of the dump
            path today (decode + encode per segment, bench/labels.py) and of batched encodes at a few batch sizes
@@ -57,11 +57,11 @@ ENCODEC = {"encodec": [1024] * 8}  # the presets' teacher: 8 EnCodec codebooks x
 FULL = {
     "presets": ["configs/mert_95m.yaml", "configs/mert_330m.yaml"], "precisions": ["bf16", "fp16"],
     "compile_backend": "inductor", "train_overrides": [], "train_steps": 12, "warmup_steps": 3, "row_seconds": 45,
-    "loader_preset": "configs/mert_95m.yaml", "loader_overrides": [], "loader_steps": 60, "minutes": 5.0,
+    "loader_preset": "configs/mert_95m.yaml", "loader_overrides": [], "loader_steps": 60, "minutes": 2.0,
     "encodec_batches": [1, 8, 32, 64], "encodec_seconds": 10.0, "dump_seconds": 120.0,
     "extract_preset": "configs/mert_95m.yaml",
     "extract_clips": 64, "matmul_size": 8192,
-    "budget_s": {"train": 270, "loader": 90, "encodec": 30, "kmeans": 25, "extract": 35},
+    "budget_s": {"train": 240, "loader": 120, "encodec": 30, "kmeans": 20, "extract": 30},  # 440 s + start-up
 }
 # CPU, tiny sizes: fp16 is GPU-only; Dynamo's "eager" backend traces (and counts graph breaks) like Inductor
 # without Inductor's C++ code generation, which takes minutes on 2 cores (tests/test_compile.py runs Inductor).
