@@ -9,8 +9,8 @@ budget, enforced with SIGALRM, that keeps the whole run under 8 minutes on a GPU
            mert_330m at the presets' per-GPU batch, bf16 and fp16, eager and train.compile: audio-seconds per
            second, MFU of pretrain.model.training_flops against the bf16 matmul peak measured here and against the
            datasheet (pretrain.train.PEAK_TFLOPS), peak memory, and Dynamo's graph breaks for compiled rows
-  loader   mert_95m (bf16, k-means labels) trained by pretrain.train.Trainer over shards of the demo corpus on local disk through
-           data.stream.AudioLoader at the preset's num_workers: the data-wait fraction of step time
+  loader   mert_95m (bf16, k-means labels) trained by pretrain.train.Trainer over shards of the demo corpus on
+           local disk through data.stream.AudioLoader at the preset's num_workers: data-wait fraction of step time
   encodec  the EnCodec teacher (random init: the same network and cost) on the device: real-time factor of the dump
            path today (decode + encode per segment, bench/labels.py) and of batched encodes at a few batch sizes
   kmeans   the log-mel+chroma k-means teacher (features + nearest centroid) on the device: real-time factor of the
@@ -187,7 +187,8 @@ def train_row(preset: str, precision: str, compiled: bool, ctx: dict) -> dict:
     data = batches(cfg, device, min(4, measured), ENCODEC)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    row = {"preset": preset_name(preset), "precision": precision, "compile": compiled, "batch": cfg.data.batch_size, "crop_seconds": cfg.data.crop_seconds, "grad_accum": accum,
+    row = {"preset": preset_name(preset), "precision": precision, "compile": compiled, "batch": cfg.data.batch_size,
+           "crop_seconds": cfg.data.crop_seconds, "grad_accum": accum,
            "first_step_s": timed(step, data[:1], device)}  # with compilation when compiled
     if compiled:
         row["graph_breaks"] = graph_breaks()
@@ -211,7 +212,10 @@ def preset_name(path: str) -> str:
 def break_locations(model, batch: tuple) -> dict[str, int]:
     """Where Dynamo splits the objective's forward (torch._dynamo.explain): {"file:line: reason": count},
     at the innermost frame of this project's code."""
-    explained = torch._dynamo.explain(model.forward)(*batch, torch.Generator().manual_seed(1))
+    try:
+        explained = torch._dynamo.explain(model.forward)(*batch, torch.Generator().manual_seed(1))
+    except Exception as error:  # the row's measured figures stay
+        return {f"torch._dynamo.explain failed: {type(error).__name__}: {error}"[:300]: 0}
     where: dict[str, int] = {}
     for br in explained.break_reasons:
         ours = [f for f in br.user_stack if f.filename.startswith(ROOT) and "site-packages" not in f.filename]
@@ -235,6 +239,8 @@ def section_train(ctx: dict, record: dict) -> None:
             rows.append(train_row(preset, precision, compiled, ctx))
             print(f"   {what}: {rows[-1]['audio_seconds_per_second']:.1f} audio-s/s", flush=True)
         except OutOfTime:
+            rows.append({"preset": preset_name(preset), "precision": precision, "compile": compiled,
+                         "error": "stopped: over the section's time budget"})
             raise
         except Exception as error:  # one row's failure (an OOM, a compile error) is that row's
             rows.append({"preset": preset_name(preset), "precision": precision, "compile": compiled,
@@ -323,7 +329,8 @@ def section_encodec(ctx: dict, record: dict) -> None:
 
     plan, device = ctx["plan"], ctx["device"]
     teacher = EncodecTeacher(random_init=True, device=str(device))
-    record["real_time_factor_dump_path"] = label_bench.rate(teacher.encode, prepared(ctx)["flacs"])
+    flacs = prepared(ctx)["flacs"]  # the dump path: decode, encode one segment, codes back to the host
+    record["real_time_factor_dump_path"] = label_bench.rate(lambda wave: teacher.encode(wave).cpu(), flacs)
     record["real_time_factor_by_batch"] = by_batch = {}
     for batch in plan["encodec_batches"]:
         try:
@@ -344,7 +351,7 @@ def section_kmeans(ctx: dict, record: dict) -> None:
 
     data, device = prepared(ctx), ctx["device"]
     teacher = KMeansTeacher(data["teacher"], str(device))
-    record["real_time_factor_dump_path"] = label_bench.rate(teacher.encode, data["flacs"])
+    record["real_time_factor_dump_path"] = label_bench.rate(lambda wave: teacher.encode(wave).cpu(), data["flacs"])
     waves = [torch.from_numpy(sf.read(io.BytesIO(flac), dtype="float32")[0]).to(device) for flac in data["flacs"]]
     with torch.inference_mode():
         teacher.encode(waves[0])

@@ -8,7 +8,7 @@
 #
 #   bash bench/gpu.sh [--out bench_out/gpu] [--sections train,loader,encodec,kmeans,extract]
 #   bash bench/gpu.sh --smoke [--out DIR]      # the same code paths on CPU at tiny sizes, about a minute
-# PYTHON (default python3) is the interpreter.
+# PYTHON (default python3) is the interpreter; a relative --out is taken from the project root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
