@@ -137,32 +137,47 @@ class Objective(nn.Module):
             transform.to(audio.device)
         return transform(audio.float())
 
+    @torch.compiler.disable  # data-dependent size, computed on the host: outside any compiled graph
+    def draw_mask(self, lengths: torch.Tensor, frames: int, device: torch.device, generator: torch.Generator | None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The span mask ([B, frames] bool) and the flat indices of its frames ([M], row-major, as boolean indexing
+        orders them), both on `device`. Drawn on the host from CPU `lengths` (a device tensor is copied back: a
+        sync), so the masked-frame count needs no device sync and the gathers have a size known in advance."""
+        valid = self.encoder.frames(lengths.cpu()).clamp(min=0)
+        mask = span_mask(valid, frames, self.cfg.mask_prob, self.cfg.mask_length, generator)
+        picked = mask.flatten().nonzero().squeeze(1)
+        if device.type == "cuda":
+            mask, picked = mask.pin_memory(), picked.pin_memory()
+        return mask.to(device, non_blocking=True), picked.to(device, non_blocking=True)
+
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor, labels: dict[str, torch.Tensor],
                 generator: torch.Generator | None = None, skip: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and its parts as detached tensors (no device sync here; the trainer reads them when it logs).
+        """Total loss and its parts as detached tensors (no device sync here when `lengths` is on the CPU, as the
+        trainer passes it; the trainer reads the parts when it logs).
         `generator` draws masks and mixup (per rank); `skip` is the layerdrop choice (the same on every rank)."""
         frames = int(self.encoder.frames(audio.shape[1]))
-        valid = self.encoder.frames(lengths).clamp(min=0)
-        mask = span_mask(valid, frames, self.cfg.mask_prob, self.cfg.mask_length, generator)
+        mask, picked = self.draw_mask(lengths, frames, audio.device, generator)
+        lengths = lengths.to(audio.device, non_blocking=True)
         noisy = noise_mixup(audio, lengths, self.cfg, generator) if self.training else audio
         out = self.encoder(noisy.to(self.encoder.projection.weight.dtype), lengths, mask, skip=skip)
-        h = out["x"][mask]  # [M, D]: masked frames only
+        h = out["x"].flatten(0, 1).index_select(0, picked)  # [M, D]: masked frames only, in x[mask]'s order
         penalty = feature_penalty(out["features"], out["padding"])
         logs, loss = {"masked_frames": mask.sum(), "feature_penalty": penalty.detach()}, penalty * self.cfg.feature_penalty
         for stream, codes in labels.items():
-            targets = codes[:, :frames][mask]  # label frame t -> encoder frame t
+            targets = codes[:, :frames].flatten(0, 1).index_select(0, picked)  # label frame t -> encoder frame t
             for book in range(targets.shape[1]):
                 logits = self.heads[f"{stream}_{book}"](h)
                 ce = F.cross_entropy(logits, targets[:, book], ignore_index=-1)
                 loss = loss + ce
                 logs[f"loss/{stream}_{book}"] = ce.detach()
-                known = targets[:, book] >= 0
-                logs[f"acc/{stream}_{book}"] = (logits.detach().argmax(-1)[known] == targets[known, book]).float().mean()
+                known = (targets[:, book] >= 0).float()  # frames with a label (-1: none); no boolean indexing
+                hits = (logits.detach().argmax(-1) == targets[:, book]).float() * known
+                logs[f"acc/{stream}_{book}"] = hits.sum() / known.sum().clamp(min=1.0)
         if self._cqt is not None:
             with torch.no_grad():
                 cqt = self.cqt(audio).transpose(1, 2)[:, 1:frames + 1]  # CQT frame t + 1 -> encoder frame t
-            mse = F.mse_loss(self.cqt_head(h).float(), cqt[mask])
+            mse = F.mse_loss(self.cqt_head(h).float(), cqt.flatten(0, 1).index_select(0, picked))
             loss = loss + self.cfg.cqt_weight * mse
             logs["loss/cqt"] = mse.detach()
         logs["loss"] = loss.detach()

@@ -206,7 +206,7 @@ class Trainer:
         self.step += 1
 
     def micro_step(self, batch: dict, micro: int) -> bool:
-        audio, lengths = batch["audio"].to(self.device), batch["lengths"].to(self.device)
+        audio, lengths = batch["audio"].to(self.device, non_blocking=True), batch["lengths"]  # lengths stay on the host
         labels = {name: codes.to(self.device) for name, codes in batch["labels"].items()}
         skip = layerdrop_choice(self.cfg.model.layerdrop, self.cfg.model.layers,  # the same on every rank
                                 torch.Generator().manual_seed(seed_of(self.cfg.train.seed, self.step, micro, 3)))

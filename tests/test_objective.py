@@ -103,3 +103,19 @@ def test_mixup_adds_one_contiguous_segment_of_another_item():
         where = added.nonzero().flatten()
         assert 12000 <= len(where) <= 24000 and int(where[-1] - where[0]) + 1 == len(where)
         assert len(added[where].unique()) == 1 and float(added[where][0]) in {1.0, 2.0, 3.0, 4.0} - {i + 1.0}
+
+
+def test_a_training_step_needs_no_host_sync():
+    """Forward and backward on the `meta` device, where tensors hold no values: anything that reads a device
+    value on the host (`.item()`, boolean-mask indexing, `nonzero`) raises there. Lengths and the mask
+    generator stay on the host, as the trainer passes them; layerdrop, mixup, labels and the CQT head are on."""
+    model = objective(mixup_prob=1.0).train()
+    model.encoder.cfg = dataclasses.replace(model.encoder.cfg, layerdrop=0.5)
+    audio, lengths, labels = batch(items=3)
+    labels["km"][1, :10] = -1  # frames without a label
+    model.to("meta")
+    loss, logs = model(audio.to("meta"), lengths, {k: v.to("meta") for k, v in labels.items()}, torch.Generator().manual_seed(0))
+    loss.backward()
+    reached = [model.encoder.extractor, model.encoder.projection, model.heads, model.cqt_head]  # (skipped blocks: none)
+    assert loss.device.type == "meta" and all(p.grad is not None for part in reached for p in part.parameters())
+    assert {"acc/km_0", "loss/cqt", "masked_frames"} <= set(logs)
