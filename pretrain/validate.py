@@ -87,7 +87,7 @@ def objective_metrics(objective: nn.Module, batches, seed: int = MASK_SEED) -> d
     sums, count = {}, 0
     for batch in batches:
         labels = {name: codes.to(device) for name, codes in batch["labels"].items()}
-        _, logs = objective(batch["audio"].to(device), batch["lengths"].to(device), labels, generator, skip)
+        _, logs = objective(batch["audio"].to(device), batch["lengths"], labels, generator, skip)
         for name, value in logs.items():
             if name != "masked_frames":
                 sums[name] = sums.get(name, 0.0) + value.float()
