@@ -211,12 +211,16 @@ def print_table(scores: dict, ranks: dict) -> None:
 def training_summary(run_dir: str) -> dict:
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     rows = [row for row in rows if any(key.startswith("acc/") for key in row)]
-    keys = sorted(key for key in rows[-1] if key.startswith("acc/")) + ["loss/cqt"] * ("loss/cqt" in rows[-1])
+    keys = sorted(key for key in rows[-1] if key.startswith(("acc/", "prior_gap/")))
+    keys += ["loss/cqt"] * ("loss/cqt" in rows[-1])
     summary = {key: {"first": rows[0].get(key), "last": rows[-1].get(key)} for key in keys}
     print(f"training {run_dir}: steps {rows[0]['step']} -> {rows[-1]['step']}")
+    names = {"acc/": "masked accuracy ", "prior_gap/": "masked CE below the label prior's (nats) ", "loss/cqt": "CQT loss"}
     for key, value in summary.items():
-        name = f"masked accuracy {key[4:]}" if key.startswith("acc/") else "CQT loss"
-        print(f"  {name}: {value['first'] or math.nan:.4f} -> {value['last'] or math.nan:.4f}")
+        prefix = next(p for p in names if key.startswith(p))
+        name = names[prefix] + key[len(prefix):]
+        first, last = (math.nan if v is None else v for v in (value["first"], value["last"]))
+        print(f"  {name}: {first:.4f} -> {last:.4f}")
     return {"first_step": rows[0]["step"], "last_step": rows[-1]["step"], **summary}
 
 

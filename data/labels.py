@@ -5,7 +5,8 @@
                               whose atomic rename marks the shard done
     LABELS/dump.json          the teacher and shard set this folder is being filled from (refuses a mix)
     LABELS/teacher.json       the manifest, written when every shard is done: teacher name, config
-                              hash, frame rate, codebooks, cardinality, and the shards' content hash
+                              hash, frame rate, codebooks, cardinality, the shards' content hash and
+                              the code histogram over all shards (its entropy: `label_entropy`)
 
 Frame f of a sample's codes covers samples [320 f, 320 f + 320) of its
 segment; a segment of N samples has N // 320 frames.
@@ -60,16 +61,36 @@ def teacher_identity(teacher) -> dict[str, Any]:
 
 def try_write_manifest(labels_dir: str, identity: dict, index: dict, extra: dict) -> dict | None:
     """Write teacher.json once every shard of the index has its sidecar; return it, else None."""
-    shards = {}
+    shards, histogram = {}, None
     for shard in index["shards"]:
         if not os.path.exists(sidecar_path(labels_dir, shard["name"])):
             return None
         summary = read_json(summary_path(labels_dir, shard["name"]), "a label shard summary")
         shards[shard["name"]] = {"samples": summary["samples"], "frames": summary["frames"]}
+        counts = np.asarray(summary["histogram"], dtype=np.int64)
+        histogram = counts if histogram is None else histogram + counts
     manifest = {"format": LABELS_FORMAT, **identity, "shards_content_hash": index["content_hash"],
-                "shards": shards, "frames": sum(s["frames"] for s in shards.values()), **extra}
+                "shards": shards, "frames": sum(s["frames"] for s in shards.values()),
+                "histogram": [] if histogram is None else histogram.tolist(), **extra}
     atomic_write_json(os.path.join(labels_dir, MANIFEST_NAME), manifest)
     return manifest
+
+
+def label_entropy(manifest: dict, labels_dir: str | None = None) -> list[float] | None:
+    """Entropy (nats) of each codebook's code frequencies over all the labelled frames: the masked cross-entropy
+    of a model that predicts only the label prior. From the manifest's histogram, else (manifests written
+    before it had one) from the shard summaries in `labels_dir`; None when neither is there."""
+    counts = np.asarray(manifest.get("histogram") or [], dtype=np.float64)
+    if not counts.size and labels_dir is not None:
+        try:
+            summaries = [read_json(summary_path(labels_dir, shard), "a label shard summary") for shard in manifest["shards"]]
+            counts = np.sum([np.asarray(s["histogram"], dtype=np.float64) for s in summaries], axis=0)
+        except (OSError, KeyError, ValueError):
+            return None
+    if not counts.size:
+        return None
+    p = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
+    return [float(-(row[row > 0] * np.log(row[row > 0])).sum()) for row in p]
 
 
 def check_labels(labels_dir: str, index: dict, shard_dir: str, config_hash: str | None = None) -> dict:

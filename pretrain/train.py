@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from data.audio import SAMPLE_RATE
 from data.files import atomic_write_bytes, atomic_write_json
+from data.labels import label_entropy
 from data.logs import logger, setup_logging
 from data.stream import AudioLoader
 from pretrain import faults
@@ -103,6 +104,7 @@ class Trainer:
         self.run_dir = cfg.train.run_dir
         self.loader = AudioLoader(cfg.data, rank, world, shield_workers=True)
         self.codebook_sizes = {m["teacher"]: m["codebook_sizes"] for m in self.loader.manifests}
+        self.label_entropy = label_entropies(self.loader.manifests, cfg.data.labels)
         self.engine = self.new_engine()
         self.generator = torch.Generator().manual_seed(seed_of(cfg.train.seed, rank, 2))  # masks and mixup
         self.step, self.samples, self.audio_seconds, self.nonfinite = 0, 0, 0.0, 0
@@ -267,6 +269,9 @@ class Trainer:
             "data_wait_fraction": self.data_wait / elapsed, "audio_hours": self.audio_seconds / 3600,
             "skipped_steps": float(self.engine.skipped_steps + self.nonfinite),
         })
+        for book, entropy in self.label_entropy.items():  # > 0: the masked predictions beat the label prior
+            if f"loss/{book}" in scalars:
+                scalars[f"prior_gap/{book}"] = entropy - scalars[f"loss/{book}"]
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             scalars["grad_norm"] = float(norm)
@@ -307,6 +312,15 @@ class Trainer:
                 bar.write(text)
             else:
                 print(text, flush=True)
+
+
+def label_entropies(manifests: list[dict], folders) -> dict[str, float]:
+    """{"TEACHER_BOOK": entropy of its codes, nats}: the masked cross-entropy of predicting the label prior."""
+    out = {}
+    for manifest, folder in zip(manifests, folders):
+        for book, entropy in enumerate(label_entropy(manifest, folder) or []):
+            out[f"{manifest['teacher']}_{book}"] = entropy
+    return out
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

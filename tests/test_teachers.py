@@ -12,7 +12,7 @@ import torch
 
 from conftest import write
 from data.audio import FRAME_SAMPLES, SAMPLE_RATE
-from data.labels import LabelError, sidecar_path, write_sidecar
+from data.labels import LabelError, label_entropy, sidecar_path, write_sidecar
 from data.shards import ShardConfig, build
 from data.stream import AudioLoader, StreamConfig
 from teachers import dump as dump_stage
@@ -139,6 +139,19 @@ def test_a_rerun_dump_removes_the_temporaries_a_kill_left(shards, tmp_path):
     leftover.write_bytes(b"partial")
     report = dump_stage.dump(LevelTeacher, shards, str(folder))
     assert sidecar.exists() and not list(folder.glob("*.tmp")), report
+
+
+def test_the_manifest_holds_the_code_histogram_whose_entropy_is_the_label_priors(shards, tmp_path):
+    folder = tmp_path / "labels"
+    dump_stage.dump(LevelTeacher, shards, str(folder))
+    manifest = json.load(open(folder / "teacher.json"))
+    codes = np.concatenate([z[k][:, 0] for f in sorted(folder.glob("*.npz")) for z in [np.load(f)] for k in z.files])
+    p = np.bincount(codes) / len(codes)
+    expected = -(p[p > 0] * np.log(p[p > 0])).sum()
+    assert manifest["histogram"][0][:len(p)] == np.bincount(codes).tolist() and sum(manifest["histogram"][0]) == len(codes)
+    assert label_entropy(manifest) == pytest.approx([expected])
+    older = {k: v for k, v in manifest.items() if k != "histogram"}  # written before manifests had it
+    assert label_entropy(older, str(folder)) == pytest.approx([expected]) and label_entropy(older) is None
 
 
 def test_a_labels_folder_refuses_another_teacher(shards, tmp_path):

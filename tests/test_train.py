@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from data.labels import label_entropy
 from pretrain.checkpoint import module_weights, seal
 from pretrain.config import load_config
 from pretrain.engine import deepspeed_config, lr_factor
@@ -122,6 +123,10 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(data
     assert resumed_at < steps  # the kill landed before the end
 
     a, b = metrics(straight), metrics(interrupted)
+    manifest = json.load(open(os.path.join(data[1], "teacher.json")))
+    entropy = label_entropy(manifest)  # the masked CE of predicting the label prior, logged as the gap below it
+    assert all(abs(r[f"prior_gap/logmel_chroma_{book}"] - (h - r[f"loss/logmel_chroma_{book}"])) < 1e-6
+               for r in a if "loss" in r for book, h in enumerate(entropy))
     assert [r["step"] for r in a if "loss" in r] == [r["step"] for r in b if "loss" in r] == list(range(1, steps + 1))
     for row_a, row_b in zip(a, b):
         assert row_a["step"] == row_b["step"] and row_a.keys() == row_b.keys()
