@@ -68,7 +68,7 @@ def prepare_training(args, work: str) -> str:
     """Corpus, shards and teacher labels; returns the labels folder."""
     corpus, shards = os.path.join(work, "corpus"), os.path.join(work, "shards")
     run_stage("corpus", os.path.exists(os.path.join(corpus, "labels.jsonl")),
-              [py("data.demo", "--out", corpus, "--minutes", str(args.minutes))], work)
+              [py("data.demo", "--out", corpus, "--minutes", str(args.minutes), "--timbres", args.timbres)], work)
     run_stage("shards", os.path.exists(os.path.join(shards, "index.json")),
               [py("data.shards", "build", "--input", os.path.join(corpus, "audio"), "--out", shards,
                   "--workers", "2", "--shard-size", "8M")], work)
@@ -231,6 +231,8 @@ def parse_args(argv=None):
     parser.add_argument("--minutes", type=float, help="training corpus (default 30)")
     parser.add_argument("--scale", type=float, help="probe corpus: clips per class multiplier (default 1)")
     parser.add_argument("--teacher", choices=("logmel_chroma", "mfcc"), default="logmel_chroma")
+    parser.add_argument("--timbres", choices=("fixed", "random"), default="fixed",
+                        help="training corpus voices (python -m data.demo --timbres); the probe corpus always has random ones")
     parser.add_argument("--steps", type=int, help="shortcut for train.steps=N")
     parser.add_argument("--name", help="run name (default: the config's file name)")
     parser.add_argument("--smoke", action="store_true", help="tiny preset, 1 minute, 20 steps, probe scale 0.1")

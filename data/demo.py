@@ -423,20 +423,43 @@ def render_drums(hits, num_samples: int, sr: int, rng) -> np.ndarray:
     return out
 
 
-def render_stems(plan: TrackPlan, rng) -> dict[str, np.ndarray]:
-    """One mono signal per instrument, each scaled by its mix gain."""
+def random_voice_synths(plan: TrackPlan, rng) -> dict:
+    """{instrument: synth(freq, duration_s, sr)} playing a random timbre per instrument of this track
+    (data.probe_corpus.random_timbre, drawn from the track's own audio stream, so no two tracks share one and
+    none equals a probe-corpus timbre); rendered at 24 kHz and resampled to the track's rate."""
+    from data.probe_corpus import SR, random_timbre, render_note
+
+    def synth_for(voice):
+        def synth(freq: float, duration_s: float, sr: int) -> np.ndarray:
+            midi = 69 + 12 * math.log2(freq / 440.0)
+            length = max(1, int(round(duration_s * SR)))
+            note = render_note(voice, midi, duration_s * 0.85, length, rng).astype(np.float64)
+            if sr != SR:
+                note = signal.resample_poly(note, sr, SR)
+            samples = int(round(duration_s * sr))
+            return np.pad(note, (0, max(0, samples - len(note))))[:samples]
+        return synth
+    return {name: synth_for(random_timbre(rng)) for name in plan.instruments if name != "drums"}
+
+
+def render_stems(plan: TrackPlan, rng, timbres: str = "fixed") -> dict[str, np.ndarray]:
+    """One mono signal per instrument, each scaled by its mix gain. timbres="random": each instrument of the
+    track plays a random timbre instead of the demo's five fixed synths."""
     sr, num_samples = plan.fmt.sample_rate, plan.num_frames
     chords = chord_timeline(plan)
+    synths = dict(INSTRUMENT_SYNTHS, bass=synth_bass)
+    if timbres == "random":
+        synths.update(random_voice_synths(plan, rng))
     stems = {}
     for name in plan.instruments:
         if name == "drums":
             stem = render_drums(compose_drums(plan, rng), num_samples, sr, rng)
         elif name == "bass":
-            stem = render_notes(compose_bass(plan, chords, rng), synth_bass, num_samples, sr)
+            stem = render_notes(compose_bass(plan, chords, rng), synths["bass"], num_samples, sr)
         else:
             notes = (compose_melody(plan, chords, rng) if name == plan.lead else
                      compose_chords(plan, chords, name in SUSTAINED_INSTRUMENTS, rng))
-            stem = render_notes(notes, INSTRUMENT_SYNTHS[name], num_samples, sr)
+            stem = render_notes(notes, synths[name], num_samples, sr)
         stems[name] = INSTRUMENT_GAINS[name] * stem
     return stems
 
@@ -451,9 +474,9 @@ def mix(stems: dict[str, np.ndarray], channels: int, rng) -> np.ndarray:
     return np.stack([left, right], axis=1)
 
 
-def render_track(plan: TrackPlan, rng) -> np.ndarray:
+def render_track(plan: TrackPlan, rng, timbres: str = "fixed") -> np.ndarray:
     """Final float audio of shape (frames, channels), peak in about [0.6, 0.8]."""
-    audio = mix(render_stems(plan, rng), plan.fmt.channels, rng)
+    audio = mix(render_stems(plan, rng, timbres), plan.fmt.channels, rng)
     sr = plan.fmt.sample_rate
     audio *= _attack_release(len(audio), sr, 0.02, 0.5)[:, None]
     audio *= rng.uniform(0.6, 0.8) / max(np.max(np.abs(audio)), 1e-9)
@@ -503,7 +526,7 @@ def label_record(plan: TrackPlan, relative_path: str) -> dict:
     }
 
 
-def generate(out_dir, minutes: float, seed: int = 0) -> list[dict]:
+def generate(out_dir, minutes: float, seed: int = 0, timbres: str = "fixed") -> list[dict]:
     """Write the corpus under ``out_dir`` (audio/ and labels.jsonl); return the labels."""
     if not minutes > 0:
         raise ValueError(f"minutes must be > 0, got {minutes}")
@@ -515,7 +538,7 @@ def generate(out_dir, minutes: float, seed: int = 0) -> list[dict]:
     for plan in plan_corpus(seed, minutes):
         relative_path = f"audio/track_{plan.index:04d}.{plan.fmt.ext}"
         _, audio_rng = track_rngs(seed, plan.index)
-        write_track(plan, render_track(plan, audio_rng), out_dir / relative_path)
+        write_track(plan, render_track(plan, audio_rng, timbres), out_dir / relative_path)
         records.append(label_record(plan, relative_path))
     records.sort(key=lambda record: record["file"])
     lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
@@ -528,6 +551,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--minutes", type=float, help="total audio to make (the training corpus)")
     parser.add_argument("--seed", type=int, default=0, help="non-negative corpus seed")
+    parser.add_argument("--timbres", choices=("fixed", "random"), default="fixed",
+                        help="training corpus: the five fixed demo synths, or a random timbre per instrument and track")
     parser.add_argument("--probe", action="store_true",
                         help="write the labelled probe corpus (pitch, instrument, key; data/probe_corpus.py) instead")
     parser.add_argument("--scale", type=float, default=1.0, help="--probe: multiplies the clips per class")
@@ -544,7 +569,7 @@ def main(argv=None) -> None:
         parser.error("--minutes is required (or --probe for the probe corpus)")
     if not args.minutes > 0 or args.seed < 0:
         parser.error("--minutes must be > 0 and --seed >= 0")
-    records = generate(args.out, args.minutes, args.seed)
+    records = generate(args.out, args.minutes, args.seed, args.timbres)
     minutes = sum(record["duration_s"] for record in records) / 60.0
     formats = sorted({f"{r['format'].lower()}/{r['subtype']}" for r in records})
     rates = sorted({r["sample_rate"] for r in records})

@@ -76,3 +76,19 @@ def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         demo.main(["--out", "x", "--minutes", "0"])
     assert "--minutes must be > 0" in capsys.readouterr().err
+
+
+def test_random_timbres_change_the_voices_not_the_music(tmp_path):
+    """--timbres random: same tracks, keys and labels as the fixed-synth corpus, other sounds, finite audio."""
+    import soundfile as sf
+
+    from data.demo import generate
+
+    fixed = generate(tmp_path / "fixed", 0.3, seed=3)
+    random = generate(tmp_path / "random", 0.3, seed=3, timbres="random")
+    assert fixed == random  # labels do not depend on the voices
+    for record in fixed:
+        a, _ = sf.read(tmp_path / "fixed" / record["file"])
+        b, _ = sf.read(tmp_path / "random" / record["file"])
+        assert a.shape == b.shape and np.isfinite(b).all() and 0.3 < np.abs(b).max() <= 1.0
+        assert not np.allclose(a, b, atol=1e-2)
