@@ -20,6 +20,8 @@ from data.stream import StreamConfig
 from pretrain.model import EncoderConfig
 from pretrain.objective import ObjectiveConfig
 
+OBJECTIVE_KINDS = ("mert", "bestrq")  # pretrain/train.py's OBJECTIVES: name -> class
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -105,16 +107,15 @@ def check(cfg: RunConfig, where: str) -> None:
         cfg.data.check()
     except ValueError as error:
         raise ConfigError(f"{where}: data: {error}") from None
-    if not cfg.data.labels:
-        raise ConfigError(f"{where}: data.labels is empty; name at least one teacher's label folder, "
-                          "e.g. 'data.labels=[SHARDS/labels/encodec]' (made by python -m teachers.encodec dump)")
-    choices = {"train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
+    choices = {"objective.kind": (cfg.objective.kind, OBJECTIVE_KINDS),
+               "train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
                "optim.decay": (cfg.optim.decay, ("poly", "cosine")),
                "train.zero_stage": (cfg.train.zero_stage, (0, 1, 2)),
                "model.conv_norm": (cfg.model.conv_norm, ("group", "layer"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{where}: {key}={value!r}; use one of {allowed}")
+    check_targets(cfg, where)
     check_frame_geometry(cfg, where)
     if cfg.model.dim % cfg.model.heads:
         raise ConfigError(f"{where}: model.dim={cfg.model.dim} is not a multiple of model.heads={cfg.model.heads}")
@@ -131,6 +132,33 @@ def check(cfg: RunConfig, where: str) -> None:
         raise ConfigError(f"{where}: train.collapse_fraction={cfg.train.collapse_fraction}: use 0 (off) up to below 1")
     if cfg.train.eval_labels and not cfg.train.eval_shards:
         raise ConfigError(f"{where}: train.eval_labels is set but train.eval_shards is empty; name the eval shard folder")
+
+
+def check_targets(cfg: RunConfig, where: str) -> None:
+    """mert predicts the codes of offline teachers (data.labels); bestrq makes its own in the step and takes none."""
+    if cfg.objective.kind == "mert" and not cfg.data.labels:
+        raise ConfigError(f"{where}: data.labels is empty; name at least one teacher's label folder, "
+                          "e.g. 'data.labels=[SHARDS/labels/encodec]' (made by python -m teachers.encodec dump), "
+                          "or use objective.kind=bestrq, which computes its targets from the audio")
+    if cfg.objective.kind != "bestrq":
+        return
+    for key in ("data.labels", "train.eval_labels"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name):
+            raise ConfigError(f"{where}: {key}={list(getattr(getattr(cfg, section), name))} with objective.kind=bestrq, "
+                              f"which computes its targets from the audio in the step; set {key}=[] (or use "
+                              "objective.kind=mert to train on those labels)")
+    o = cfg.objective
+    for name, low in (("bestrq_codebooks", 1), ("bestrq_codebook_size", 2), ("bestrq_dim", 1), ("bestrq_n_mels", 1),
+                      ("bestrq_stack", 1)):
+        if getattr(o, name) < low:
+            raise ConfigError(f"{where}: objective.{name}={getattr(o, name)} must be at least {low}")
+    if FRAME_SAMPLES % o.bestrq_stack:
+        raise ConfigError(f"{where}: objective.bestrq_stack={o.bestrq_stack} must divide the {FRAME_SAMPLES}-sample "
+                          "label frame (log-mel hop = 320 / stack), e.g. 1, 2, 4 or 5")
+    if not FRAME_SAMPLES // o.bestrq_stack <= o.bestrq_n_fft:
+        raise ConfigError(f"{where}: objective.bestrq_n_fft={o.bestrq_n_fft} is shorter than the log-mel hop "
+                          f"{FRAME_SAMPLES // o.bestrq_stack}; use e.g. 2048")
 
 
 def check_frame_geometry(cfg: RunConfig, where: str) -> None:

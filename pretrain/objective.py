@@ -25,6 +25,7 @@ from pretrain.model import Encoder
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
+    kind: str = "mert"  # "mert": this module (offline teacher codes from data.labels); "bestrq": pretrain/bestrq.py
     mask_prob: float = 0.8  # span-start rate (HuBERT semantics: spans of mask_length start at this rate / mask_length)
     mask_length: int = 5
     proj_dim: int = 64  # 128 for MERT-330M
@@ -39,6 +40,15 @@ class ObjectiveConfig:
     mixup_seconds: tuple[float, float] = (0.5, 1.0)
     sample_rate: int = SAMPLE_RATE
     hop: int = FRAME_SAMPLES
+    # kind=bestrq (pretrain/bestrq.py): targets from a frozen random-projection quantizer of log-mel frames, made in
+    # the step; the projection and codebooks are drawn from bestrq_seed (configs/bestrq_95m.yaml explains the values)
+    bestrq_seed: int = 0
+    bestrq_codebooks: int = 1  # independent quantizers (own projection and codebook), one softmax head each
+    bestrq_codebook_size: int = 4096
+    bestrq_dim: int = 16  # projection (and codeword) dimension
+    bestrq_n_mels: int = 128
+    bestrq_n_fft: int = 2048
+    bestrq_stack: int = 1  # log-mel frames per 320-sample label frame (hop 320 / stack), concatenated
 
 
 def span_mask(valid: torch.Tensor, total: int, prob: float, length: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -36,6 +36,7 @@ from pretrain.config import ConfigError, RunConfig, from_yaml, load_config, to_y
 from pretrain.engine import build_engine, device_for_rank, init_distributed, loss_scale
 from pretrain.metrics import Metrics, console_line, truncate_jsonl
 from pretrain.model import Encoder, layerdrop_choice, training_flops
+from pretrain.bestrq import BestRQObjective
 from pretrain.objective import Objective
 from pretrain.validate import Validator
 
@@ -49,6 +50,7 @@ FREE_TO_CHANGE = ("train.steps", "train.log_every", "train.save_every", "train.k
                   "train.peak_tflops", "train.force_resume", "train.log_samples", "train.run_dir",
                   "train.min_loss_scale", "train.restart", "train.eval_", "train.collapse_", "train.compile",
                   "optim.", "data.shards", "data.prefetch_factor")
+OBJECTIVES = {"mert": Objective, "bestrq": BestRQObjective}  # objective.kind -> class(cfg, encoder, codebook_sizes)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 log = logger(__name__)
 
@@ -126,7 +128,8 @@ class Trainer:
         """The engine at its initial state: the same weights on every rank, then each rank's dropout stream."""
         self.engine = None  # a failed load's engine goes before the clean one is built
         torch.manual_seed(self.cfg.train.seed)
-        model = Objective(self.cfg.objective, Encoder(self.cfg.model), self.codebook_sizes).to(self.device)
+        objective = OBJECTIVES[self.cfg.objective.kind]
+        model = objective(self.cfg.objective, Encoder(self.cfg.model), self.codebook_sizes).to(self.device)
         engine = build_engine(model, self.cfg)
         torch.manual_seed(seed_of(self.cfg.train.seed, self.rank, 1))
         return engine

@@ -1,0 +1,144 @@
+"""BEST-RQ targets (pretrain/bestrq.py): deterministic from the seed, the same for every Objective built (every rank),
+outside the module tree, local to the audio they describe; a tiny model learns them; an end-to-end run with
+objective.kind=bestrq and no data.labels trains, checkpoints and resumes exactly."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+
+import pytest
+import torch
+
+from data.audio import FRAME_SAMPLES
+from pretrain.bestrq import BestRQObjective, RandomProjectionQuantizer, normalise
+from pretrain.config import load_config
+from pretrain.export import load_encoder
+from pretrain.model import Encoder
+from test_model import TINY
+from test_train import final_weights, metrics, run, samples
+
+CFG = load_config("configs/tiny.yaml", ["objective.kind=bestrq", "data.labels=[]", "objective.bestrq_codebooks=2",
+                                        "objective.bestrq_codebook_size=256", "objective.cqt_weight=0"]).objective
+
+
+def music(seconds: float = 2.0, seed: int = 0, items: int = 2) -> torch.Tensor:
+    """Notes of random pitch every 0.25 s with a little noise: audio whose spectrum changes over time."""
+    g = torch.Generator().manual_seed(seed)
+    samples = int(seconds * 24000)
+    t = torch.arange(samples) / 24000
+    note = (t * 4).long()  # a new note every 0.25 s
+    pitch = 110 * 2 ** (torch.randint(0, 36, (items, int(note.max()) + 1), generator=g) / 12)
+    phase = 2 * math.pi * torch.cumsum(pitch[:, note] / 24000, dim=1)
+    return 0.3 * torch.sin(phase) + 0.3 * torch.sin(2 * phase) / 2 + 0.01 * torch.randn(items, samples, generator=g)
+
+
+def objective(seed: int = 0, cfg=CFG) -> BestRQObjective:
+    torch.manual_seed(seed)
+    return BestRQObjective(cfg, Encoder(TINY))
+
+
+def test_targets_depend_only_on_the_seed_and_stay_out_of_the_module_tree():
+    audio, lengths = music(), torch.tensor([48000, 36000])
+    a, b = objective(seed=1), objective(seed=2)  # two ranks (or a resumed run): other torch RNG states, same targets
+    assert not torch.equal(a.heads["bestrq_0"].weight, b.heads["bestrq_0"].weight)
+    codes = a.targets(audio, lengths)
+    assert codes.shape == (2, 48000 // FRAME_SAMPLES, 2) and codes.dtype == torch.int64
+    assert torch.equal(codes, b.targets(audio, lengths))
+    assert (codes[1, 36000 // FRAME_SAMPLES:] == -1).all() and (codes[1, :36000 // FRAME_SAMPLES] >= 0).all()
+    other = objective(cfg=dataclasses.replace(CFG, bestrq_seed=1)).targets(audio, lengths)
+    assert (other != codes).float().mean() > 0.5  # another seed, another quantizer
+    assert not torch.equal(codes[..., 0], codes[..., 1])  # each codebook has its own projection
+    # Not parameters, not buffers: not in the optimizer, the checkpoint or the export, and never cast to bf16.
+    keys = set(a.state_dict())
+    assert keys == {f"encoder.{k}" for k in a.encoder.state_dict()} | {f"heads.bestrq_{i}.{p}" for i in (0, 1)
+                                                                        for p in ("weight", "bias")}
+    a.to(torch.bfloat16)
+    assert a._quantizer.projection.dtype == torch.float32 and torch.equal(a.targets(audio, lengths), codes)
+
+
+def test_codes_are_spread_and_change_where_the_audio_changes():
+    q = RandomProjectionQuantizer(CFG)
+    audio, lengths = music(items=1), torch.tensor([48000])
+    codes = q.codes(audio, lengths)[0, :, 0]
+    assert len(codes.unique()) >= 20, codes.unique()  # normalised frames do not all fall on a few codes
+    changed = audio.clone()
+    changed[0, 24000:30000] = music(seconds=0.25, seed=7, items=1)[0]  # one note replaced by another
+    new = q.codes(changed, lengths)[0, :, 0]
+    inside = slice(24000 // 320 + 4, 30000 // 320 - 4)  # frames whose whole window lies in the new note
+    assert (new[inside] != codes[inside]).float().mean() > 0.8
+
+
+def test_instance_norm_uses_real_frames_only_and_stacking_keeps_the_sub_frames_in_order():
+    feats, real = torch.randn(2, 10, 3) * 5 + 3, torch.ones(2, 10, dtype=torch.bool)
+    real[1, 6:] = False
+    out = normalise(feats, real)
+    assert torch.allclose(out[0].mean(0), torch.zeros(3), atol=1e-5) and torch.allclose(out[0].std(0, correction=0), torch.ones(3))
+    assert torch.allclose(out[1, :6], normalise(feats[1:, :6], real[1:, :6])[0], atol=1e-5) and not out[1, 6:].any()
+    q = RandomProjectionQuantizer(dataclasses.replace(CFG, bestrq_stack=4, bestrq_n_mels=16))
+    audio = music(seconds=1.0, items=1)
+    stacked = q.stacked_features(audio, torch.tensor([24000]))
+    fine = q.features(audio)[:, :75 * 4]  # log-mel at hop 80: 4 per label frame
+    assert stacked.shape == (1, 75, 64)
+    assert torch.allclose(stacked[0, 10].view(4, 16), normalise(fine, torch.ones(1, 300, dtype=torch.bool))[0, 40:44])
+
+
+def test_a_tiny_model_learns_the_codes_of_masked_frames():
+    model = objective().train()
+    audio, lengths = music(seconds=1.5), torch.tensor([36000, 30000])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(30):
+        loss, logs = model(audio, lengths, {}, torch.Generator().manual_seed(0))  # fixed batch, fixed mask
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0:
+            assert not [n for n, p in model.named_parameters() if p.grad is None]
+            assert {"loss/bestrq_0", "loss/bestrq_1", "acc/bestrq_0", "acc/bestrq_1", "masked_frames"} <= set(logs)
+            assert "loss/cqt" not in logs and logs["loss/bestrq_0"] == pytest.approx(math.log(256), abs=0.5)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_teacher_labels_are_refused():
+    with pytest.raises(ValueError, match="data.labels"):
+        BestRQObjective(CFG, Encoder(TINY), {"km": [8]})
+    with pytest.raises(ValueError, match="data.labels"):
+        objective()(music(), torch.tensor([48000, 48000]), {"km": torch.zeros(2, 150, 1, dtype=torch.long)})
+
+
+def bestrq_command(shards: str, run_dir, *extra) -> list[str]:
+    return [sys.executable, "-m", "pretrain.train", "--config", "configs/tiny.yaml", "objective.kind=bestrq",
+            "data.labels=[]", "objective.bestrq_codebook_size=256", "objective.bestrq_codebooks=2",
+            "objective.mask_length=10", f"data.shards={shards}", "data.crop_seconds=1.0", "data.batch_size=2",
+            "data.shuffle_buffer=8", f"train.run_dir={run_dir}", "train.log_every=1", "train.log_samples=true", *extra]
+
+
+@pytest.mark.slow
+def test_bestrq_run_without_labels_resumes_exactly(train_data, tmp_path):
+    shards = train_data[0]  # audio only: the k-means labels beside it are not read
+    extra = ("train.save_every=3", "train.eval_every=3", f"train.eval_shards={shards}", "train.eval_batches=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(bestrq_command(shards, straight, "train.steps=6", *extra))
+    run(bestrq_command(shards, resumed, "train.steps=3", *extra))
+    done = run(bestrq_command(shards, resumed, "train.steps=6", *extra))
+    assert "resumed from" in done.stderr and "step-00000003" in done.stderr
+    a, b = metrics(straight), metrics(resumed)
+    rows = [r for r in a if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 7)) and [r["step"] for r in b if "loss" in r] == list(range(1, 7))
+    assert {"loss/bestrq_0", "acc/bestrq_1", "eval/loss/bestrq_0", "collapse/effective_rank"} <= set().union(*a)
+    for row_a, row_b in zip(a, b):
+        assert row_a["step"] == row_b["step"] and row_a.keys() == row_b.keys()
+        assert all(abs(row_a[k] - row_b[k]) <= 1e-6 for k in row_a if "loss" in k or "acc/" in k), row_a["step"]
+    wa, wb = final_weights(straight, 6), final_weights(resumed, 6)
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
+    assert not any("quantizer" in k or "codebooks" in k for k in wa)  # regenerated from the seed, not saved
+    assert samples(straight, 0) == samples(resumed, 0)
+
+    refused = run(bestrq_command(shards, resumed, "train.steps=7", "objective.bestrq_seed=1"), expect_ok=False)
+    assert refused.returncode and "objective.bestrq_seed: 0 then, 1 now" in refused.stderr
+    out = tmp_path / "encoder.pt"
+    run([sys.executable, "-m", "pretrain.export", "--ckpt", str(resumed), "--out", str(out)])
+    encoder = load_encoder(str(out))
+    assert all(torch.equal(wb[f"encoder.{k}"], v) for k, v in encoder.state_dict().items())
