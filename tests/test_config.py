@@ -51,3 +51,33 @@ def test_unset_paths_and_missing_files_are_named():
         load_config("configs/mert_95m.yaml")
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config("configs/nope.yaml")
+
+
+def test_bestrq_needs_no_labels_and_refuses_them():
+    cfg = load_config("configs/bestrq_95m.yaml", ["data.shards=/data/shards"])
+    assert cfg.objective.kind == "bestrq" and cfg.data.labels == () and cfg.objective.cqt_weight == 0
+    assert cfg.model == load_config("configs/mert_95m.yaml", PATHS).model  # the MERT-95M encoder
+    assert load_config("configs/tiny.yaml").objective.kind == "mert"  # the default
+    with pytest.raises(ConfigError, match=r"data\.labels=\[.*objective\.kind=bestrq"):
+        load_config("configs/bestrq_95m.yaml", PATHS)
+    with pytest.raises(ConfigError, match=r"data\.labels is empty.*objective\.kind=bestrq"):
+        load_config("configs/tiny.yaml", ["data.labels=[]"])
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["objective.kind=hubert"], "objective.kind"),
+    (["objective.bestrq_stack=3"], "objective.bestrq_stack"),
+    (["objective.bestrq_codebook_size=1"], "objective.bestrq_codebook_size"),
+    (["objective.bestrq_n_fft=16", "objective.bestrq_stack=2"], "objective.bestrq_n_fft"),
+    (["train.eval_shards=/e", "train.eval_labels=[/e/labels/km]"], "train.eval_labels"),
+])
+def test_bad_bestrq_settings_name_the_key(overrides, words):
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        load_config("configs/bestrq_95m.yaml", ["data.shards=/data/shards", *overrides])
+
+
+def test_every_objective_kind_has_a_class():
+    from pretrain.config import OBJECTIVE_KINDS
+    from pretrain.train import OBJECTIVES
+
+    assert tuple(OBJECTIVES) == OBJECTIVE_KINDS
