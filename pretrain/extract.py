@@ -297,7 +297,9 @@ def layers_source(args, device: torch.device):
     if args.random_init:
         from pretrain.config import load_config
 
-        cfg = load_config(args.random_init, ["data.shards=unused", "data.labels=[unused]"])
+        # Only the encoder is built: placeholder data and a mert objective pass the config checks for any preset
+        # or run (a bestrq config has no labels); the encoder and its seed do not depend on the objective.
+        cfg = load_config(args.random_init, ["data.shards=unused", "data.labels=[unused]", "objective.kind=mert"])
         seed = cfg.train.seed if args.seed is None else args.seed
         torch.manual_seed(seed)  # as pretrain.train seeds its model: these are the trainer's step-0 weights
         encoder, meta = Encoder(cfg.model), {"random_init": args.random_init, "seed": seed}

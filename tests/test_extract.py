@@ -108,11 +108,14 @@ def test_logmel_baseline_is_the_mean_and_std_of_log_mel_frames(clips, tmp_path):
     assert got.shape == (1, 458) and np.allclose(got[0], expected, rtol=1e-4, atol=1e-3)
 
 
-def test_random_init_uses_the_configs_train_seed_like_the_trainer(clips, tmp_path):
+@pytest.mark.parametrize("kind", ["mert", "bestrq"])
+def test_random_init_uses_the_configs_train_seed_like_the_trainer(clips, tmp_path, kind):
     from omegaconf import OmegaConf
 
     raw = OmegaConf.load("configs/tiny.yaml")
     raw.train.seed = 7
+    if kind == "bestrq":  # a BEST-RQ run's config.yaml: no labels
+        raw.objective.kind, raw.data.labels = "bestrq", []
     config = str(tmp_path / "seeded.yaml")
     OmegaConf.save(raw, config)
     out = str(tmp_path / "seeded")
