@@ -101,6 +101,15 @@ def test_a_tiny_model_learns_the_codes_of_masked_frames():
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+def test_making_the_targets_needs_no_host_sync():
+    """As test_objective's check: on the `meta` device any read of a device value on the host raises."""
+    model = objective().train().to("meta")
+    loss, logs = model(music().to("meta"), torch.tensor([48000, 36000]), {}, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.device.type == "meta" and all(p.grad is not None for p in model.heads.parameters())
+    assert {"loss/bestrq_1", "acc/bestrq_1"} <= set(logs)
+
+
 def test_teacher_labels_are_refused():
     with pytest.raises(ValueError, match="data.labels"):
         BestRQObjective(CFG, Encoder(TINY), {"km": [8]})
