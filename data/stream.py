@@ -13,7 +13,10 @@ Samples go through a seeded shuffle buffer, then a random crop of
 `crop_seconds` that starts on a 320-sample frame boundary (label frame i
 covers samples [320 i, 320 i + 320)). Only the cropped part of a segment's
 FLAC is decoded, as int16 (exact for our 16-bit shards); batches cross from
-the workers as int16 and become float32 in [-1, 1) in the main process.
+the workers as int16 and become float32 in [-1, 1) in the main process, or,
+with `AudioLoader(..., convert=False)`, stay int16 until `to_device` moves
+them (from pinned memory with `pin_memory=True`) and converts them there:
+half the bytes over the bus, the same numbers.
 
 The state of a worker is small: where it is in its shard sequence, the byte
 offset of the next sample in its current shard, the shuffle RNG, and the
@@ -258,6 +261,22 @@ def collate(items: list[dict]) -> dict:
     }
 
 
+def pcm_to_float(audio: torch.Tensor) -> torch.Tensor:
+    """int16 PCM -> float32 in [-1, 1), exactly (a power-of-two scale), on audio's device."""
+    return audio.float().mul_(1 / 32768)
+
+
+def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(audio float32 [B, N], labels {teacher: int64 [B, T, codebooks]}) of a batch on `device`. A batch of a
+    `convert=False` loader crosses as stored (int16 audio, int16/int32 codes; non-blocking from pinned memory)
+    and is converted on the device; a converted batch is only moved. On the CPU both give the same tensors."""
+    audio = batch["audio"].to(device, non_blocking=True)
+    labels = {name: codes.to(device, non_blocking=True) for name, codes in batch["labels"].items()}
+    if audio.dtype == torch.int16:
+        audio = pcm_to_float(audio)
+    return audio, {name: codes.long() for name, codes in labels.items()}  # -1: no label
+
+
 # ---------------------------------------------------------------- the loader
 
 
@@ -271,10 +290,14 @@ def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
 class AudioLoader:
     """A resumable DataLoader over shards for one rank; `state_dict` goes into checkpoints."""
 
-    def __init__(self, cfg: StreamConfig, rank: int | None = None, world: int | None = None, shield_workers: bool = False):
+    def __init__(self, cfg: StreamConfig, rank: int | None = None, world: int | None = None, shield_workers: bool = False,
+                 convert: bool = True, pin_memory: bool = False):
         """shield_workers: worker processes ignore SIGTERM/SIGUSR1 (for a trainer that checkpoints on them);
-        then call `close()` when done, or the interpreter waits for them at exit."""
+        then call `close()` when done, or the interpreter waits for them at exit.
+        convert=False: batches keep int16 audio and the labels' stored integer type; `to_device` converts them.
+        pin_memory: batches arrive in page-locked memory (a GPU trainer; without an accelerator torch ignores it)."""
         cfg.check()
+        self.convert = convert
         if rank is None and world is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.rank, self.world = rank_world(rank, world)
@@ -294,6 +317,7 @@ class AudioLoader:
             self.dataset, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers,
             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None, drop_last=cfg.train,
             persistent_workers=False, worker_init_fn=leave_stop_signals_to_the_main_process if shield_workers else None,
+            pin_memory=pin_memory,
         )
 
     def _check_labels(self) -> list[dict]:
@@ -308,8 +332,9 @@ class AudioLoader:
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.loader:
-            batch["audio"] = batch["audio"].float().mul_(1 / 32768)  # int16 PCM -> [-1, 1)
-            batch["labels"] = {name: codes.long() for name, codes in batch["labels"].items()}  # -1: no label
+            if self.convert:
+                batch["audio"] = pcm_to_float(batch["audio"])  # int16 PCM -> [-1, 1)
+                batch["labels"] = {name: codes.long() for name, codes in batch["labels"].items()}  # -1: no label
             yield batch
 
     def close(self) -> None:
