@@ -2,9 +2,11 @@
 
 One process per device. Under `torchrun` or the `deepspeed` launcher the
 environment names the rank and world; a plain `python -m pretrain.train`
-is a world of one. On CPU the process group is gloo and Adam is torch's
-(`torch_adam`: DeepSpeed's fused CPU Adam would compile for minutes); on
-GPU it is NCCL. With `train.compile=true` the engine's module (the Objective:
+is a world of one. Adam is always torch's AdamW (`torch_adam`: DeepSpeed's
+own fused Adam would compile for minutes): on CPU with its default
+(foreach) implementation and a gloo process group; on GPU with NCCL and
+`fused=True` (one kernel for every parameter's update; DeepSpeed hands the
+optimizer's params on to `torch.optim.AdamW`). With `train.compile=true` the engine's module (the Objective:
 encoder and heads) goes through DeepSpeed's `engine.compile()`, which is
 `nn.Module.compile` in place: parameter names, so checkpoints, are the same
 compiled or not; `graph_breaks()` reports where Dynamo had to split the step.
@@ -49,15 +51,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def deepspeed_config(cfg: RunConfig) -> dict:
+def deepspeed_config(cfg: RunConfig, device_type: str = "cpu") -> dict:
+    """DeepSpeed's config for `cfg` on a device of `device_type` ("cuda": torch's fused AdamW)."""
     train, optim = cfg.train, cfg.optim
+    adam = {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
+            "adam_w_mode": True, "torch_adam": True}
+    if device_type == "cuda":
+        adam["fused"] = True  # -> torch.optim.AdamW(..., fused=True, foreach=None)
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "gradient_clipping": optim.clip,
-        "optimizer": {"type": "Adam", "params": {
-            "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
-            "adam_w_mode": True, "torch_adam": True}},
+        "optimizer": {"type": "Adam", "params": adam},
         "zero_optimization": {"stage": train.zero_stage},
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": train.initial_scale_power,
@@ -84,8 +89,9 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, compile_backend: str = 
     def schedule(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg.optim, cfg.train.steps))
 
+    device_type = next(model.parameters()).device.type
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=deepspeed_config(cfg), lr_scheduler=schedule)
+                                           config=deepspeed_config(cfg, device_type), lr_scheduler=schedule)
     if cfg.train.compile:
         engine.compile(backend=compile_backend)  # compiles lazily, on the first forward
     return engine
