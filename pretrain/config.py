@@ -44,6 +44,7 @@ class TrainConfig:
     precision: str = "fp16"  # "fp32", "bf16" or "fp16" (dynamic loss scale; GPU only)
     zero_stage: int = 1
     compile: bool = False  # torch.compile the objective (encoder + heads) via DeepSpeed's engine.compile()
+    checkpoint_activations: bool = False  # recompute each transformer block in the backward pass (less memory)
     seed: int = 0
     log_every: int = 100
     save_every: int = 2000  # steps; also on SIGTERM / SIGUSR1

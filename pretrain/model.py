@@ -4,8 +4,11 @@
 frames; frame t of the conv output starts at sample 320 t, so it lines up
 with label frame t (the last partial frames are dropped by the convs).
 Blocks are Pre-LN (MERT-330M) or Post-LN (MERT-95M, HuBERT base).
-Attention uses `scaled_dot_product_attention`; with `attention_relax > 0`
-it takes an explicit path that cannot overflow in fp16 (see `relaxed_attention`).
+Attention uses `scaled_dot_product_attention` (a fused kernel) unless
+`attention_relax > 0` and the input is fp16: then it takes an explicit path
+that cannot overflow (see `relaxed_attention`). `Encoder(cfg,
+checkpoint_activations=True)` recomputes each block in the backward pass
+(torch.utils.checkpoint, RNG preserved: the same dropout, losses and grads).
 
 This module knows nothing of training, data, files or launchers.
 """
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -171,11 +175,14 @@ def bert_init(module: nn.Module) -> None:
 
 
 class Encoder(nn.Module):
-    """forward(audio [B, N], lengths [B] | None, mask [B, T] | None) -> dict (see `forward`)."""
+    """forward(audio [B, N], lengths [B] | None, mask [B, T] | None) -> dict (see `forward`).
+    `checkpoint_activations`: in training with gradients on, each block's activations are recomputed in the
+    backward pass instead of kept (less memory, about one more forward of the blocks); how a step is computed,
+    not what it computes, so it is no part of EncoderConfig."""
 
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, checkpoint_activations: bool = False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.checkpoint_activations = cfg, checkpoint_activations
         conv_dim = cfg.conv_layers[-1][0]
         self.extractor = ConvExtractor(cfg)
         self.feature_norm = nn.LayerNorm(conv_dim)
@@ -224,9 +231,16 @@ class Encoder(nn.Module):
             skip = layerdrop_choice(self.cfg.layerdrop, self.cfg.layers)
         for block, skipped in zip(self.blocks, skip.tolist()):
             if not (self.training and skipped):
-                x = block(x, attend)
+                x = self.run_block(block, x, attend)
             if all_layers:
                 layers.append(x)
         if self.cfg.pre_ln:
             x = self.norm(x)
         return {"x": x, "features": features, "padding": padding, "layers": layers}
+
+    def run_block(self, block: Block, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            # Non-reentrant checkpointing stashes the CPU and CUDA RNG states and restores them for the
+            # recomputation: dropout draws the same bits twice, so the gradients are those of the plain run.
+            return torch.utils.checkpoint.checkpoint(block, x, attend, use_reentrant=False, preserve_rng_state=True)
+        return block(x, attend)

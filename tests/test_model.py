@@ -115,3 +115,39 @@ def test_layerdrop_follows_the_given_choice():
     g = lambda: torch.Generator().manual_seed(7)  # noqa: E731: one seed, the same choice on every rank
     assert torch.equal(layerdrop_choice(0.5, 12, g()), layerdrop_choice(0.5, 12, g()))
     assert not layerdrop_choice(0.0, 12).any() and 0 < layerdrop_choice(0.5, 1000).float().mean() < 1
+
+
+def naive_attention(q, k, v, attn_mask=None, dropout_p=0.0):
+    """softmax(q k^T / sqrt(d)) v, written out (no dropout): the reference the fused kernel must equal."""
+    assert dropout_p == 0.0
+    scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("relax", [0.0, 32.0])
+def test_attention_outside_fp16_is_sdpa_eligible_for_a_fused_kernel_and_equals_the_written_out_softmax(
+        monkeypatch, relax):
+    """Whenever relaxation is off (relax 0, or any dtype but fp16) every block calls scaled_dot_product_attention,
+    with the padding mask, in a layout a fused kernel takes: on CPU the flash kernel alone runs the whole encoder
+    (it raises if a call would need the math fallback). On CUDA a bool padding mask sends SDPA to its fused
+    memory-efficient kernel (flash takes no mask). The result equals the written-out softmax to fp32 rounding."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import pretrain.model as model_module
+
+    torch.manual_seed(0)
+    model = Encoder(dataclasses.replace(TINY, attention_relax=relax)).eval()
+    audio, lengths = torch.randn(2, 24000), torch.tensor([24000, 15000])
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(k.get("attn_mask")) or real(*a, **k))
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        fused = model(audio, lengths)["x"]
+    assert len(calls) == TINY.layers and all(mask is not None and mask.dtype == torch.bool for mask in calls)
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", naive_attention)
+    with torch.no_grad():
+        reference = model(audio, lengths)["x"]
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
