@@ -1,9 +1,12 @@
 """Training metrics: summed on the device between log steps, averaged over ranks once per log step,
-written by rank 0 to TensorBoard (RUN/tensorboard/), to RUN/metrics.jsonl and as one console line."""
+written by rank 0 to TensorBoard (RUN/tensorboard/), to RUN/metrics.jsonl and as one console line.
+`Interval` keeps the throughput between two log steps (data wait, audio, crops, wall time)."""
 from __future__ import annotations
 
 import json
 import os
+import time
+from contextlib import contextmanager
 
 import torch
 
@@ -52,6 +55,31 @@ class Metrics:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class Interval:
+    """Throughput since the last log step: time spent waiting for batches, audio-seconds and crops trained on
+    (all ranks), and the wall time since `reset()`."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.started, self.data_wait, self.audio_seconds, self.crops = time.perf_counter(), 0.0, 0.0, 0
+
+    @contextmanager
+    def waiting(self):
+        """Times a wait for the next batch."""
+        started = time.perf_counter()
+        yield
+        self.data_wait += time.perf_counter() - started
+
+    def add(self, audio_seconds: float, crops: int) -> None:
+        self.audio_seconds += audio_seconds
+        self.crops += crops
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
 
 def jsonl_rows(path: str):

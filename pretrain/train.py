@@ -13,54 +13,34 @@ preemption) saves a checkpoint and exits.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from functools import partial
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.audio import SAMPLE_RATE
 from data.files import atomic_write_bytes, atomic_write_json
 from data.labels import label_entropy
 from data.logs import logger, setup_logging
 from data.stream import AudioLoader
-from pretrain import faults
 from pretrain.checkpoint import CheckpointError, Checkpointer
-from pretrain.config import ConfigError, RunConfig, from_yaml, load_config, to_yaml
+from pretrain.config import ConfigError, RunConfig, load_config, to_yaml
 from pretrain.engine import build_engine, device_for_rank, init_distributed, loss_scale
-from pretrain.metrics import Metrics, console_line, truncate_jsonl
-from pretrain.model import Encoder, layerdrop_choice, training_flops
+from pretrain.metrics import Interval, Metrics, console_line, truncate_jsonl
+from pretrain.model import Encoder, training_flops
 from pretrain.bestrq import BestRQObjective
 from pretrain.objective import Objective
+from pretrain.resume_check import check_resumable
+from pretrain.step import Progress, TrainingError, TrainStep, seed_of
 from pretrain.validate import Validator
 
-# Settings a resumed run may change; any other difference from the checkpoint's config is refused.
-# train.compile is among them: it changes how a step is computed, not what a checkpoint holds or how it loads
-# (engine.compile() compiles the module in place, so parameter names are the same; the optimizer, schedule, loss
-# scale, RNG and stream states are untouched). A run resumed with the same setting continues exactly; flipping it
-# changes later steps only as other hardware would: float rounding of fused kernels and, with dropout > 0, the
-# dropout bits Inductor draws (from the same saved generator) instead of eager's.
-FREE_TO_CHANGE = ("train.steps", "train.log_every", "train.save_every", "train.keep", "train.max_nonfinite",
-                  "train.peak_tflops", "train.force_resume", "train.log_samples", "train.run_dir",
-                  "train.min_loss_scale", "train.restart", "train.eval_", "train.collapse_", "train.compile",
-                  "optim.", "data.shards", "data.prefetch_factor")
 OBJECTIVES = {"mert": Objective, "bestrq": BestRQObjective}  # objective.kind -> class(cfg, encoder, codebook_sizes)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 log = logger(__name__)
-
-
-class TrainingError(RuntimeError):
-    pass
-
-
-def seed_of(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 class RNGStates:
@@ -101,69 +81,66 @@ class StreamState:
 
 
 class Trainer:
+    """The run around the step (pretrain/step.py): resume, the loop, logging, validation and saves."""
+
     def __init__(self, cfg: RunConfig, device: torch.device, rank: int, world: int):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.run_dir = cfg.train.run_dir
-        self.loader = AudioLoader(cfg.data, rank, world, shield_workers=True)
+        # Batches stay int16 until to_device converts them on the device (half the bytes; pinned on a GPU).
+        self.loader = AudioLoader(cfg.data, rank, world, shield_workers=True, convert=False,
+                                  pin_memory=device.type == "cuda")
         self.codebook_sizes = {m["teacher"]: m["codebook_sizes"] for m in self.loader.manifests}
         self.label_entropy = label_entropies(self.loader.manifests, cfg.data.labels)
         self.engine = self.new_engine()
         self.generator = torch.Generator().manual_seed(seed_of(cfg.train.seed, rank, 2))  # masks and mixup
-        self.step, self.samples, self.audio_seconds, self.nonfinite = 0, 0, 0.0, 0
-        self.stop_signal, self.stop_agreed, self.consecutive_nonfinite = 0, False, 0  # signal seen here / by all ranks
-        parts = {"trainer": self, "rng": RNGStates(self.generator, device),
+        self.progress = Progress()
+        parts = {"trainer": self.progress, "rng": RNGStates(self.generator, device),
                  "loader": StreamState(self.loader, cfg.train.force_resume)}
         self.checkpointer = Checkpointer(self.run_dir, rank, world, cfg.train.keep, parts)
         self.resume()  # refuses (CheckpointError) before anything on disk changes
         self.checkpointer.remove_stale_temporaries()
         self.metrics = Metrics(self.run_dir, rank, self.step)
         self.validator = Validator(cfg, self.codebook_sizes, self.run_dir) if cfg.train.eval_every else None
-        self.samples_log = None
+        samples_log = None
         if cfg.train.log_samples:
-            self.samples_log = os.path.join(self.run_dir, "samples", f"rank-{rank:05d}.jsonl")
-            os.makedirs(os.path.dirname(self.samples_log), exist_ok=True)
-            truncate_jsonl(self.samples_log, self.step)
+            samples_log = os.path.join(self.run_dir, "samples", f"rank-{rank:05d}.jsonl")
+            os.makedirs(os.path.dirname(samples_log), exist_ok=True)
+            truncate_jsonl(samples_log, self.step)
+        self.interval = Interval()
+        self.train_step = TrainStep(cfg, self.engine, device, rank, world, self.generator, self.progress,
+                                    self.metrics, self.interval, samples_log)
 
     def new_engine(self):
         """The engine at its initial state: the same weights on every rank, then each rank's dropout stream."""
         self.engine = None  # a failed load's engine goes before the clean one is built
         torch.manual_seed(self.cfg.train.seed)
-        objective = OBJECTIVES[self.cfg.objective.kind]
-        model = objective(self.cfg.objective, Encoder(self.cfg.model), self.codebook_sizes).to(self.device)
+        encoder = Encoder(self.cfg.model, checkpoint_activations=self.cfg.train.checkpoint_activations)
+        model = OBJECTIVES[self.cfg.objective.kind](self.cfg.objective, encoder, self.codebook_sizes).to(self.device)
         engine = build_engine(model, self.cfg)
         torch.manual_seed(seed_of(self.cfg.train.seed, self.rank, 1))
         return engine
 
-    # -- state
+    @property
+    def step(self) -> int:
+        return self.progress.step
 
-    def state_dict(self) -> dict:
-        """The trainer's counters: its checkpoint part beside "rng" and "loader" (DeepSpeed saves the engine)."""
-        return {"step": self.step, "samples": self.samples, "audio_seconds": self.audio_seconds,
-                "nonfinite": self.nonfinite}
+    @property
+    def audio_seconds(self) -> float:
+        return self.progress.audio_seconds
 
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.samples, self.audio_seconds = state["step"], state["samples"], state["audio_seconds"]
-        self.nonfinite = state["nonfinite"]
+    def request_stop(self, signum: int) -> None:
+        """From a signal handler: every rank stops after the step in which all of them have heard of it."""
+        self.train_step.stop_signal = signum
 
     def resume(self) -> None:
         """Loads the engine and the parts (trainer, rng, loader) from the newest good checkpoint, if any."""
-        self.engine, step = self.checkpointer.resume(self.engine, self.new_engine, self.check_resumable,
+        self.engine, step = self.checkpointer.resume(self.engine, self.new_engine,
+                                                     partial(check_resumable, self.cfg, self.world),
                                                      restart=self.cfg.train.restart)
         if step is not None:
             if self.rank == 0:
                 log.info("resumed from %s/step-%08d (step %d, %.2f h of audio seen)", self.checkpointer.root, step,
                          self.step, self.audio_seconds / 3600)
-
-    def check_resumable(self, saved_yaml: str, manifest: dict) -> None:
-        saved, now = flatten(asdict(from_yaml(saved_yaml))), flatten(asdict(self.cfg))
-        differ = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
-                  if saved.get(k) != now.get(k) and not k.startswith(FREE_TO_CHANGE)}
-        if manifest["world"] != self.world:
-            differ["world size"] = (manifest["world"], self.world)
-        if differ and not self.cfg.train.force_resume:
-            what = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
-            raise ConfigError(f"{self.run_dir}: its checkpoints were made with other settings ({what}). Use another "
-                              "train.run_dir for a new run, or pass train.force_resume=true to continue anyway.")
 
     def save(self) -> None:
         folder = self.checkpointer.save(self.engine, self.step, to_yaml(self.cfg))
@@ -181,96 +158,33 @@ class Trainer:
             self.metrics.close()
 
     def _fit(self) -> str:
-        cfg = self.cfg.train
-        batches, started, last_log = iter(self.loader), time.perf_counter(), (self.step, time.perf_counter())
-        self.data_wait, self.interval_audio, self.interval_crops = 0.0, 0.0, 0
-        start_step = self.step
+        cfg, step = self.cfg.train, self.train_step
+        batches = iter(self.loader)
+        self.interval.reset()
+        started, start_step = time.perf_counter(), self.step
         self.bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
                         disable=self.rank != 0 or not sys.stderr.isatty())
-        while self.step < cfg.steps and not self.stop_agreed:  # agreed by every rank: all leave at the same step
-            self.train_step(batches)
+        while self.step < cfg.steps and not step.stop_agreed:  # agreed by every rank: all leave at the same step
+            step(batches)
             self.bar.update()
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self.log(last_log, (cfg.steps - self.step) * (time.perf_counter() - started) / (self.step - start_step))
-                last_log = (self.step, time.perf_counter())
+                self.log((cfg.steps - self.step) * (time.perf_counter() - started) / (self.step - start_step))
+                self.interval.reset()
             if self.validator and self.step % cfg.eval_every == 0:
                 self.validate()  # before the save: a checkpoint's step has all its rows written
-            if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.stop_agreed:
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps or step.stop_agreed:
                 self.save()
         self.bar.close()
-        return "stopped" if self.stop_agreed else "finished"
+        return "stopped" if step.stop_agreed else "finished"
 
-    def train_step(self, batches) -> None:
-        """One optimizer update: train.grad_accum micro-batches with a finite loss."""
-        done = 0
-        while done < self.cfg.train.grad_accum:
-            waited = time.perf_counter()
-            batch = next(batches)
-            self.data_wait += time.perf_counter() - waited
-            done += self.micro_step(batch, done)
-        self.step += 1
-
-    def micro_step(self, batch: dict, micro: int) -> bool:
-        audio, lengths = batch["audio"].to(self.device, non_blocking=True), batch["lengths"]  # lengths stay on the host
-        labels = {name: codes.to(self.device) for name, codes in batch["labels"].items()}
-        skip = layerdrop_choice(self.cfg.model.layerdrop, self.cfg.model.layers,  # the same on every rank
-                                torch.Generator().manual_seed(seed_of(self.cfg.train.seed, self.step, micro, 3)))
-        loss, logs = self.engine(audio, lengths, labels, self.generator, skip)
-        loss = faults.nonfinite_loss(loss, self.rank, self.step + 1)
-        if self.samples_log:
-            with open(self.samples_log, "a") as file:
-                file.write(json.dumps({"step": self.step + 1, "keys": batch["keys"], "offsets": batch["offsets"].tolist()}) + "\n")
-        if not self.agree_finite(loss):
-            self.skip_nonfinite(batch)
-            return False
-        self.consecutive_nonfinite = 0
-        self.engine.backward(loss)
-        self.engine_step()
-        self.metrics.add(logs)
-        self.samples += len(batch["keys"])
-        seconds = float(batch["lengths"].sum()) / SAMPLE_RATE
-        self.audio_seconds += seconds * self.world
-        self.interval_audio += seconds * self.world
-        self.interval_crops += len(batch["keys"]) * self.world
-        return True
-
-    def agree_finite(self, loss: torch.Tensor) -> bool:
-        """All ranks learn whether any loss is non-finite and whether a stop signal arrived (one small all-reduce)."""
-        flags = torch.stack([(~torch.isfinite(loss.detach())).float(), torch.tensor(float(self.stop_signal), device=loss.device)])
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        nonfinite, stop = flags.tolist()
-        self.stop_agreed = self.stop_agreed or bool(stop)
-        return not nonfinite
-
-    def skip_nonfinite(self, batch: dict) -> None:
-        self.nonfinite += 1
-        self.consecutive_nonfinite += 1
-        log.warning("step %d: non-finite loss, batch skipped (keys %s)", self.step + 1, batch["keys"])
-        if self.consecutive_nonfinite >= self.cfg.train.max_nonfinite:
-            raise TrainingError(
-                f"step {self.step + 1}: {self.consecutive_nonfinite} batches in a row gave a non-finite loss "
-                f"(last batch on rank {self.rank}: {batch['keys']}). Lower optim.lr, use train.precision=bf16 or "
-                f"model.attention_relax=32, and resume from the last checkpoint in {self.run_dir}.")
-
-    def engine_step(self) -> None:
-        try:
-            self.engine.step()
-        except Exception as error:
-            if "loss scale" not in str(error).lower():
-                raise
-            raise TrainingError(
-                f"step {self.step + 1}: fp16 gradients still overflow at the minimum loss scale "
-                f"{self.cfg.train.min_loss_scale}; the run would only skip steps from here. Use train.precision=bf16, "
-                "or model.attention_relax=32 and model.pre_ln=true, or a lower optim.lr; then resume.") from error
-
-    def log(self, last_log: tuple[int, float], eta: float) -> None:
-        scalars = self.metrics.reduce()
-        elapsed = time.perf_counter() - last_log[1]
+    def log(self, eta: float) -> None:
+        """The interval's row (metrics.jsonl, TensorBoard) and console line; collective: every rank calls it."""
+        scalars, interval = self.metrics.reduce(), self.interval
+        elapsed = interval.elapsed()
         scalars.update({
-            "lr": self.engine.get_lr()[0], "audio_seconds_per_second": self.interval_audio / elapsed,
-            "data_wait_fraction": self.data_wait / elapsed, "audio_hours": self.audio_seconds / 3600,
-            "skipped_steps": float(self.engine.skipped_steps + self.nonfinite),
+            "lr": self.engine.get_lr()[0], "audio_seconds_per_second": interval.audio_seconds / elapsed,
+            "data_wait_fraction": interval.data_wait / elapsed, "audio_hours": self.audio_seconds / 3600,
+            "skipped_steps": float(self.engine.skipped_steps + self.progress.nonfinite),
         })
         for book, entropy in self.label_entropy.items():  # > 0: the masked predictions beat the label prior
             if f"loss/{book}" in scalars:
@@ -283,9 +197,8 @@ class Trainer:
             scalars["loss_scale"] = scale
         peak = self.peak_flops()
         if peak:
-            flops = training_flops(self.cfg.model, self.cfg.data.crop_samples) * self.interval_crops / elapsed
+            flops = training_flops(self.cfg.model, self.cfg.data.crop_samples) * interval.crops / elapsed
             scalars["mfu"] = flops / (peak * self.world)
-        self.data_wait, self.interval_audio, self.interval_crops = 0.0, 0.0, 0
         self.metrics.write(self.step, scalars)
         self.say(console_line(self.step, self.cfg.train.steps, scalars, eta))
 
@@ -326,16 +239,6 @@ def label_entropies(manifests: list[dict], folders) -> dict[str, float]:
     return out
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a preset in configs/, e.g. configs/tiny.yaml")
@@ -358,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_bytes(os.path.join(cfg.train.run_dir, "config.yaml"), to_yaml(cfg).encode())
 
         def request_stop(signum, frame):
-            trainer.stop_signal = signum
+            trainer.request_stop(signum)
 
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, request_stop)
