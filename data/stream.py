@@ -318,6 +318,10 @@ class AudioLoader:
             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None, drop_last=cfg.train,
             persistent_workers=False, worker_init_fn=leave_stop_signals_to_the_main_process if shield_workers else None,
             pin_memory=pin_memory,
+            # Its own generator for the workers' base seed, which each iter() draws: from torch's default generator
+            # it would shift the trainer's dropout stream, so a resumed run (whose iter() comes after the RNG states
+            # are restored) would drop other units than the uninterrupted one. The items do not depend on it.
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
 
     def _check_labels(self) -> list[dict]:

@@ -164,6 +164,30 @@ def test_checkpoint_activations_run_equals_the_plain_run(train_data, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
+def test_with_dropout_a_resumed_run_equals_the_uninterrupted_one_also_flipping_checkpoint_activations(
+        train_data, tmp_path):
+    """Dropout draws from torch's default generator, saved with each checkpoint; nothing else may draw from it
+    (the data loader's iter() did, once per start, so with dropout > 0 a resumed run drifted)."""
+    extra = ("train.steps=3", "train.save_every=2", "train.eval_every=0", *DROPOUT)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(command(train_data, straight, *extra))
+    run(command(train_data, resumed, *extra, "train.steps=2", "train.checkpoint_activations=true"))
+    again = run(command(train_data, resumed, *extra))  # train.checkpoint_activations is free to change
+    assert "resumed from" in again.stderr
+    a, b = metrics(straight), metrics(resumed)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    assert all(abs(x["loss"] - y["loss"]) <= 1e-6 for x, y in zip(a, b)), (a, b)
+    wa, wb = final_weights(straight, 3), final_weights(resumed, 3)
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
+
+
+def test_iterating_the_loader_leaves_the_default_generator_alone(train_data):
+    state = torch.get_rng_state()
+    next(iter(AudioLoader(loader_cfg(train_data), 0, 1)))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_checkpoint_activations_must_be_a_boolean():
     with pytest.raises(ConfigError, match="checkpoint_activations"):
         load_config("configs/tiny.yaml", ["train.checkpoint_activations=sometimes"])
