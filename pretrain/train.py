@@ -9,6 +9,10 @@ When it holds checkpoints and none of them loads, the start is refused
 before anything on disk changes (pretrain/checkpoint.py; train.restart=true
 moves the old run aside and starts over). SIGTERM or SIGUSR1 (cluster
 preemption) saves a checkpoint and exits.
+
+Pieces: the optimizer update is pretrain/step.py (`TrainStep`), the check of
+a resumed run's settings pretrain/resume_check.py, the metrics and their
+interval bookkeeping pretrain/metrics.py; `Trainer` here ties them together.
 """
 from __future__ import annotations
 
