@@ -56,6 +56,9 @@ class Progress:
 
 
 class TrainStep:
+    """`step(batches)`: one optimizer update (see the module docstring); `stop_signal` is set by the trainer's
+    signal handler, `stop_agreed` once every rank has heard of one."""
+
     def __init__(self, cfg: RunConfig, engine, device: torch.device, rank: int, world: int,
                  generator: torch.Generator, progress: Progress, metrics: Metrics, interval: Interval,
                  samples_log: str | None = None):
