@@ -51,7 +51,7 @@ from pretrain.config import load_config  # noqa: E402
 from pretrain.engine import device_for_rank, graph_breaks, init_distributed  # noqa: E402
 from pretrain.model import Encoder, training_flops  # noqa: E402
 from pretrain.objective import Objective  # noqa: E402
-from pretrain.train import PEAK_TFLOPS  # noqa: E402
+from pretrain.train import datasheet_flops  # noqa: E402
 
 ENCODEC = {"encodec": [1024] * 8}  # the presets' teacher: 8 EnCodec codebooks x 1024
 FULL = {
@@ -156,13 +156,6 @@ def matmul_peak(device: torch.device, size: int) -> float:
         sync(device)
         best = min(best, (time.perf_counter() - started) / 4)
     return 2 * size ** 3 / best
-
-
-def datasheet_peak(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 
 # ---------------------------------------------------------------- a. training on in-memory batches
@@ -456,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed(device)
     plan = SMOKE if args.smoke else FULL
     ctx = {"plan": plan, "device": device, "out": args.out}
-    ctx["matmul_peak"], ctx["datasheet_peak"] = matmul_peak(device, plan["matmul_size"]), datasheet_peak(device)
+    ctx["matmul_peak"] = matmul_peak(device, plan["matmul_size"])
+    ctx["datasheet_peak"] = datasheet_flops(device) or None  # None: CPU, or a GPU not in PEAK_TFLOPS
     results = {"smoke": args.smoke, "device": str(device), "device_name": torch.cuda.get_device_name(device)
                if device.type == "cuda" else platform.processor() or "cpu", "torch": torch.__version__,
                "matmul_peak_tflops": ctx["matmul_peak"] / 1e12,

@@ -28,7 +28,7 @@ from pretrain.config import load_config  # noqa: E402
 from pretrain.engine import build_engine, device_for_rank, init_distributed, lr_factor  # noqa: E402
 from pretrain.model import Encoder, training_flops  # noqa: E402
 from pretrain.objective import Objective  # noqa: E402
-from pretrain.train import PEAK_TFLOPS  # noqa: E402
+from pretrain.train import datasheet_flops  # noqa: E402
 
 SIZES = {"km": [300, 200]}  # the log-mel + chroma k-means teacher's codebooks
 
@@ -120,8 +120,7 @@ def main() -> None:
     ratio = statistics.median(times["deepspeed"]) / statistics.median(times["plain"])
     print(f"step time DeepSpeed / plain: {ratio:.3f} (1.0: no engine overhead)")
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), 0.0)
+        name, peak = torch.cuda.get_device_name(device), datasheet_flops(device)
         flops = training_flops(cfg.model, cfg.data.crop_samples) * cfg.data.batch_size
         for loop in loops:
             mfu = flops / statistics.median(times[loop]) / peak if peak else float("nan")

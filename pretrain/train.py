@@ -44,6 +44,14 @@ from pretrain.validate import Validator
 
 OBJECTIVES = {"mert": Objective, "bestrq": BestRQObjective}  # objective.kind -> class(cfg, encoder, codebook_sizes)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def datasheet_flops(device: torch.device) -> float:
+    """The dense bf16 datasheet peak (FLOP/s) of `device` from PEAK_TFLOPS; 0.0 off CUDA or for an unknown GPU."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), 0.0)
 log = logger(__name__)
 
 
@@ -219,10 +227,7 @@ class Trainer:
     def peak_flops(self) -> float:
         if self.cfg.train.peak_tflops:
             return self.cfg.train.peak_tflops * 1e12
-        if self.device.type != "cuda":
-            return 0.0
-        name = torch.cuda.get_device_name(self.device)
-        return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), 0.0)
+        return datasheet_flops(self.device)
 
     def say(self, text: str) -> None:
         """The console's progress lines (rank 0): the step line and the evaluation's; other messages are logged."""
