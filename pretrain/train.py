@@ -102,7 +102,8 @@ class Trainer:
         self.loader = AudioLoader(cfg.data, rank, world, shield_workers=True, convert=False,
                                   pin_memory=device.type == "cuda")
         self.codebook_sizes = {m["teacher"]: m["codebook_sizes"] for m in self.loader.manifests}
-        self.label_entropy = label_entropies(self.loader.manifests, cfg.data.labels)
+        # prior_gap rows: only rank 0 writes them (older manifests make this read every shard summary)
+        self.label_entropy = label_entropies(self.loader.manifests, cfg.data.labels) if rank == 0 else {}
         self.engine = self.new_engine()
         self.generator = torch.Generator().manual_seed(seed_of(cfg.train.seed, rank, 2))  # masks and mixup
         self.progress = Progress()
