@@ -59,8 +59,8 @@ def run(cmd: list[str], expect_ok: bool = True) -> subprocess.CompletedProcess:
 
 
 def metrics(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as file:
-        return [json.loads(line) for line in file]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as file:  # a line still being written is not read
+        return [json.loads(line) for line in file if line.endswith("\n")]
 
 
 def samples(run_dir, rank: int) -> list[dict]:
@@ -95,9 +95,12 @@ def kill_tree(pid: int) -> None:
 
 def wait_for_step(run_dir, step: int, process: subprocess.Popen) -> None:
     deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
+    while time.time() < deadline:
+        exited = process.poll() is not None  # before the look: a run that logs the step and exits still counts
         if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and any(r["step"] >= step for r in metrics(run_dir)):
             return
+        if exited:
+            break
         time.sleep(0.05)
     raise AssertionError(f"{run_dir}: never reached step {step} (exit code {process.poll()})")
 
