@@ -210,12 +210,13 @@ def print_table(scores: dict, ranks: dict) -> None:
 
 def training_summary(run_dir: str) -> dict:
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    rows = [row for row in rows if any(key.startswith("acc/") for key in row)]
+    rows = [row for row in rows if "loss" in row]  # training rows (not the collapse/ and eval/ ones)
     keys = sorted(key for key in rows[-1] if key.startswith(("acc/", "prior_gap/")))
-    keys += ["loss/cqt"] * ("loss/cqt" in rows[-1])
+    keys += [key for key in ("loss/data2vec", "loss/cqt") if key in rows[-1]]
     summary = {key: {"first": rows[0].get(key), "last": rows[-1].get(key)} for key in keys}
     print(f"training {run_dir}: steps {rows[0]['step']} -> {rows[-1]['step']}")
-    names = {"acc/": "masked accuracy ", "prior_gap/": "masked CE below the label prior's (nats) ", "loss/cqt": "CQT loss"}
+    names = {"acc/": "masked accuracy ", "prior_gap/": "masked CE below the label prior's (nats) ", "loss/cqt": "CQT loss",
+             "loss/data2vec": "data2vec regression loss"}
     for key, value in summary.items():
         prefix = next(p for p in names if key.startswith(p))
         name = names[prefix] + key[len(prefix):]

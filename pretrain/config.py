@@ -20,7 +20,8 @@ from data.stream import StreamConfig
 from pretrain.model import EncoderConfig
 from pretrain.objective import ObjectiveConfig
 
-OBJECTIVE_KINDS = ("mert", "bestrq")  # pretrain/train.py's OBJECTIVES: name -> class
+OBJECTIVE_KINDS = ("mert", "bestrq", "data2vec")  # pretrain/train.py's OBJECTIVES: name -> class
+SELF_TARGETED = ("bestrq", "data2vec")  # kinds that make their targets in the step: no data.labels
 
 
 @dataclass(frozen=True)
@@ -136,19 +137,25 @@ def check(cfg: RunConfig, where: str) -> None:
 
 
 def check_targets(cfg: RunConfig, where: str) -> None:
-    """mert predicts the codes of offline teachers (data.labels); bestrq makes its own in the step and takes none."""
-    if cfg.objective.kind == "mert" and not cfg.data.labels:
+    """mert predicts the codes of offline teachers (data.labels); bestrq and data2vec make their own targets in
+    the step and take none."""
+    kind = cfg.objective.kind
+    if kind == "mert" and not cfg.data.labels:
         raise ConfigError(f"{where}: data.labels is empty; name at least one teacher's label folder, "
                           "e.g. 'data.labels=[SHARDS/labels/encodec]' (made by python -m teachers.encodec dump), "
-                          "or use objective.kind=bestrq, which computes its targets from the audio")
-    if cfg.objective.kind != "bestrq":
+                          "or use objective.kind=bestrq or data2vec, which compute their targets from the audio")
+    if kind not in SELF_TARGETED:
         return
     for key in ("data.labels", "train.eval_labels"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name):
-            raise ConfigError(f"{where}: {key}={list(getattr(getattr(cfg, section), name))} with objective.kind=bestrq, "
+            raise ConfigError(f"{where}: {key}={list(getattr(getattr(cfg, section), name))} with objective.kind={kind}, "
                               f"which computes its targets from the audio in the step; set {key}=[] (or use "
                               "objective.kind=mert to train on those labels)")
+    (check_bestrq if kind == "bestrq" else check_data2vec)(cfg, where)
+
+
+def check_bestrq(cfg: RunConfig, where: str) -> None:
     o = cfg.objective
     for name, low in (("bestrq_codebooks", 1), ("bestrq_codebook_size", 2), ("bestrq_dim", 1), ("bestrq_n_mels", 1),
                       ("bestrq_stack", 1)):
@@ -160,6 +167,19 @@ def check_targets(cfg: RunConfig, where: str) -> None:
     if not FRAME_SAMPLES // o.bestrq_stack <= o.bestrq_n_fft:
         raise ConfigError(f"{where}: objective.bestrq_n_fft={o.bestrq_n_fft} is shorter than the log-mel hop "
                           f"{FRAME_SAMPLES // o.bestrq_stack}; use e.g. 2048")
+
+
+def check_data2vec(cfg: RunConfig, where: str) -> None:
+    o = cfg.objective
+    if not 1 <= o.data2vec_top_k <= cfg.model.layers:
+        raise ConfigError(f"{where}: objective.data2vec_top_k={o.data2vec_top_k}: average 1 to model.layers="
+                          f"{cfg.model.layers} of the teacher's layers")
+    for name in ("data2vec_ema_decay", "data2vec_ema_end_decay"):
+        if not 0 <= getattr(o, name) <= 1:
+            raise ConfigError(f"{where}: objective.{name}={getattr(o, name)}: an EMA decay is in [0, 1] (data2vec: "
+                              "0.999 growing to 0.9999)")
+    if o.data2vec_ema_anneal_steps < 0:
+        raise ConfigError(f"{where}: objective.data2vec_ema_anneal_steps must be at least 0 (0: train.steps)")
 
 
 def check_frame_geometry(cfg: RunConfig, where: str) -> None:

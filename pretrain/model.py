@@ -152,12 +152,15 @@ class Block(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the block's output, its feed-forward output before dropout and the residual: data2vec's target)."""
         if self.pre_ln:
             x = x + self.drop(self.attn(self.ln1(x), attend))
-            return x + self.drop(self.ffn(self.ln2(x)))
+            ffn = self.ffn(self.ln2(x))
+            return x + self.drop(ffn), ffn
         x = self.ln1(x + self.drop(self.attn(x, attend)))
-        return self.ln2(x + self.drop(self.ffn(x)))
+        ffn = self.ffn(x)
+        return self.ln2(x + self.drop(ffn)), ffn
 
 
 def layerdrop_choice(rate: float, layers: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -200,8 +203,10 @@ class Encoder(nn.Module):
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 all_layers: bool = False, skip: torch.Tensor | None = None, keep_every: int = 1) -> dict:
         """Returns {"x": [B, T, D], "features": conv features [B, T, C] before
-        their layer norm (for the feature penalty, as in HuBERT),
-        "padding": [B, T] bool (True: padding) or None, "layers": [x after each block] if all_layers}.
+        their layer norm (for the feature penalty, as in HuBERT), "projected": the projected features [B, T, D]
+        before dropout and masking (what an EMA teacher's blocks see: `contextualise`),
+        "padding": [B, T] bool (True: padding) or None, "layers": [x after each block] if all_layers,
+        "ffn": [each block's feed-forward output] if all_layers}.
         `skip` ([layers] bool, training only) chooses the layers that layerdrop skips; data-parallel
         training must pass the same choice on every rank (see `layerdrop_choice`), otherwise it is drawn here.
         `keep_every` = T > 1 (inference) keeps 1 of every T frames after the conv extractor (MAEST-style patchout):
@@ -210,7 +215,8 @@ class Encoder(nn.Module):
         mult = self.cfg.feature_grad_mult
         if mult != 1.0 and self.training:
             features = features * mult + features.detach() * (1 - mult)
-        x = self.feature_dropout(self.projection(self.feature_norm(features)))
+        projected = self.projection(self.feature_norm(features))
+        x = self.feature_dropout(projected)
         padding = None
         if lengths is not None:
             padding = torch.arange(x.shape[1], device=x.device)[None] >= self.frames(lengths)[:, None]
@@ -219,6 +225,12 @@ class Encoder(nn.Module):
         if keep_every > 1:
             x = x[:, ::keep_every]
             padding = None if padding is None else padding[:, ::keep_every]
+        out = self.contextualise(x, padding, all_layers, skip)
+        return {**out, "features": features, "projected": projected, "padding": padding}
+
+    def contextualise(self, x: torch.Tensor, padding: torch.Tensor | None, all_layers: bool = False,
+                      skip: torch.Tensor | None = None) -> dict:
+        """The positional conv and the blocks on projected (and masked) frames x [B, T, D]: {"x", "layers", "ffn"}."""
         if padding is not None:
             x = x.masked_fill(padding[..., None], 0.0)
         x = self.positions(x)
@@ -226,19 +238,21 @@ class Encoder(nn.Module):
             x = self.norm(x)
         x = self.dropout(x)
         attend = None if padding is None else ~padding[:, None, None, :]
-        layers = []
+        layers, ffns = [], []
         if skip is None:
             skip = layerdrop_choice(self.cfg.layerdrop, self.cfg.layers)
         for block, skipped in zip(self.blocks, skip.tolist()):
+            ffn = None
             if not (self.training and skipped):
-                x = self.run_block(block, x, attend)
+                x, ffn = self.run_block(block, x, attend)
             if all_layers:
                 layers.append(x)
+                ffns.append(ffn)
         if self.cfg.pre_ln:
             x = self.norm(x)
-        return {"x": x, "features": features, "padding": padding, "layers": layers}
+        return {"x": x, "layers": layers, "ffn": ffns}
 
-    def run_block(self, block: Block, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
+    def run_block(self, block: Block, x: torch.Tensor, attend: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.checkpoint_activations and self.training and torch.is_grad_enabled():
             # Non-reentrant checkpointing stashes the CPU and CUDA RNG states and restores them for the
             # recomputation: dropout draws the same bits twice, so the gradients are those of the plain run.

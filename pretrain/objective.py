@@ -25,7 +25,8 @@ from pretrain.model import Encoder
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    kind: str = "mert"  # "mert": this module (offline teacher codes from data.labels); "bestrq": pretrain/bestrq.py
+    kind: str = "mert"  # "mert": this module (offline teacher codes from data.labels); "bestrq": pretrain/bestrq.py;
+    # "data2vec": pretrain/data2vec.py
     mask_prob: float = 0.8  # span-start rate (HuBERT semantics: spans of mask_length start at this rate / mask_length)
     mask_length: int = 5
     proj_dim: int = 64  # 128 for MERT-330M
@@ -49,6 +50,11 @@ class ObjectiveConfig:
     bestrq_n_mels: int = 128
     bestrq_n_fft: int = 2048
     bestrq_stack: int = 1  # log-mel frames per 320-sample label frame (hop 320 / stack), concatenated
+    # kind=data2vec (pretrain/data2vec.py; configs/music2vec_95m.yaml): regression of an EMA teacher's top-k layers
+    data2vec_top_k: int = 8  # feed-forward outputs of the teacher's top k blocks, averaged
+    data2vec_ema_decay: float = 0.999  # the teacher's EMA decay at step 0 ...
+    data2vec_ema_end_decay: float = 0.9999  # ... growing linearly to this
+    data2vec_ema_anneal_steps: int = 0  # ... over this many updates (0: train.steps)
 
 
 def span_mask(valid: torch.Tensor, total: int, prob: float, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -185,10 +191,14 @@ class Objective(nn.Module):
                 hits = (logits.detach().argmax(-1) == targets[:, book]).float() * known
                 logs[f"acc/{stream}_{book}"] = hits.sum() / known.sum().clamp(min=1.0)
         if self._cqt is not None:
-            with torch.no_grad():
-                cqt = self.cqt(audio).transpose(1, 2)[:, 1:frames + 1]  # CQT frame t + 1 -> encoder frame t
-            mse = F.mse_loss(self.cqt_head(h).float(), cqt.flatten(0, 1).index_select(0, picked))
+            mse = self.cqt_loss(audio, h, frames, picked)
             loss = loss + self.cfg.cqt_weight * mse
             logs["loss/cqt"] = mse.detach()
         logs["loss"] = loss.detach()
         return loss, logs
+
+    def cqt_loss(self, audio: torch.Tensor, h: torch.Tensor, frames: int, picked: torch.Tensor) -> torch.Tensor:
+        """MSE of the CQT head on the masked frames' outputs h [M, D] against the clean audio's CQT."""
+        with torch.no_grad():
+            cqt = self.cqt(audio).transpose(1, 2)[:, 1:frames + 1]  # CQT frame t + 1 -> encoder frame t
+        return F.mse_loss(self.cqt_head(h).float(), cqt.flatten(0, 1).index_select(0, picked))

@@ -75,6 +75,9 @@ class TrainStep:
                 batch = next(batches)
             done += self.micro_step(batch, done)
         self.progress.step += 1
+        after_update = getattr(self.engine.module, "after_update", None)  # data2vec: its EMA teacher follows
+        if after_update is not None:
+            after_update(self.progress.step, self.cfg.train.steps)
 
     def micro_step(self, batch: dict, micro: int) -> bool:
         """Forward and, when every rank's loss is finite, backward and the engine's step; False: skipped."""

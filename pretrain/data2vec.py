@@ -1,0 +1,149 @@
+"""data2vec (Baevski et al. 2022) as Music2Vec (Li et al. 2022) uses it for music: the student regresses, on masked
+frames, the average of the top `data2vec_top_k` feed-forward outputs of an EMA teacher that sees the same frames
+unmasked. No offline teacher stage and no `data.labels`.
+
+    objective = Data2VecObjective(ObjectiveConfig(kind="data2vec"), encoder)
+    loss, logs = objective(audio, lengths, {})    # logs: loss/data2vec, var/target, var/prediction
+    objective.after_update(step, total_steps)      # after each optimizer update: the teacher follows
+
+As fairseq's data2vec_audio (examples/data2vec/models/data2vec_audio.py, base config), with the choices it makes
+by default: the teacher is an EMA of the blocks and of the norm before them only (`ema_layers_only`): it gets the
+student's projected conv features of the unmasked crop, and its positional conv is the student's own at each step;
+each target layer is instance-normalised over time (here over the crop's real frames) before the average; the loss
+is the squared error summed over dimensions, scaled by 1 / sqrt(dim), averaged over masked frames; a linear
+`final_proj` maps the student's last layer to the target. The EMA decay goes linearly from `data2vec_ema_decay`
+to `data2vec_ema_end_decay` over `data2vec_ema_anneal_steps` updates (0: the run's train.steps, so a resume with more
+steps stretches the rest of the schedule, as it does the learning rate's), then stays.
+
+The teacher is an fp32 copy kept outside the module tree (as the CQT kernels and BEST-RQ's quantizer are): DeepSpeed
+neither trains it, nor casts it to bf16/fp16 (an EMA step of 1e-4 would vanish in bf16's 8-bit mantissa), nor
+holds it in its checkpoint files; its weights are the checkpoint part "teacher" (`TeacherState`), saved by every
+rank beside the trainer's counters and restored with them. It runs under autocast in the student's dtype.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.bestrq import normalise
+from pretrain.model import Encoder
+from pretrain.objective import Objective, ObjectiveConfig, feature_penalty, noise_mixup
+
+STREAM = "data2vec"  # the logs' name: loss/data2vec
+TEACHER_PREFIXES = ("norm.", "blocks.")  # what the EMA follows (fairseq's ema_layers_only: not the positional conv)
+
+
+def ema_decay(cfg: ObjectiveConfig, step: int, total_steps: int) -> float:
+    """The decay after `step` updates: linear from data2vec_ema_decay to data2vec_ema_end_decay (fairseq's
+    get_annealed_rate), reached at data2vec_ema_anneal_steps (0: total_steps) and kept after."""
+    end_step = cfg.data2vec_ema_anneal_steps or total_steps
+    start, end = cfg.data2vec_ema_decay, cfg.data2vec_ema_end_decay
+    if step >= end_step:
+        return end
+    return end - (end - start) * (1 - step / end_step)
+
+
+def spread(x: torch.Tensor) -> torch.Tensor:
+    """fairseq's compute_var: the mean over dimensions of the standard deviation over rows ([M, D] -> scalar)."""
+    return torch.sqrt(x.float().var(dim=0) + 1e-6).mean()
+
+
+class Data2VecObjective(Objective):
+    """Masked regression of an EMA teacher's averaged layers (see the module docstring)."""
+
+    def __init__(self, cfg: ObjectiveConfig, encoder: Encoder, codebook_sizes: dict[str, list[int]] | None = None):
+        if codebook_sizes:
+            raise ValueError(f"objective.kind=data2vec makes its own targets; it takes no teacher labels (got "
+                             f"{sorted(codebook_sizes)}): leave data.labels empty")
+        if not 1 <= cfg.data2vec_top_k <= encoder.cfg.layers:
+            raise ValueError(f"objective.data2vec_top_k={cfg.data2vec_top_k}: use 1 to model.layers={encoder.cfg.layers}")
+        super().__init__(cfg, encoder, {})
+        self.final_proj = nn.Linear(encoder.cfg.dim, encoder.cfg.dim)
+        teacher = copy.deepcopy(encoder).float().eval().requires_grad_(False)
+        self._teacher = [teacher]  # a list: outside the module tree (not trained, cast, or in DeepSpeed's files)
+
+    @property
+    def teacher(self) -> Encoder:
+        return self._teacher[0]
+
+    def teacher_parameters(self) -> dict[str, torch.Tensor]:
+        """The EMA weights by name (the teacher's norm before the blocks and its blocks), fp32."""
+        return {name: p for name, p in self.teacher.named_parameters() if name.startswith(TEACHER_PREFIXES)}
+
+    @torch.no_grad()
+    def after_update(self, step: int, total_steps: int) -> None:
+        """The teacher follows the student after optimizer update `step` (1-based): t <- d t + (1 - d) s."""
+        decay = ema_decay(self.cfg, step, total_steps)
+        student = dict(self.encoder.named_parameters())
+        names = list(self.teacher_parameters())
+        teacher = self.teacher_parameters()
+        if teacher[names[0]].device != student[names[0]].device:
+            self.teacher.to(student[names[0]].device)
+            teacher = self.teacher_parameters()
+        torch._foreach_lerp_([teacher[n] for n in names], [student[n].detach().float() for n in names], 1.0 - decay)
+
+    @torch.compiler.disable  # train.compile: the teacher runs eagerly (it is outside the compiled module)
+    @torch.no_grad()
+    def targets(self, projected: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+        """The teacher's average of its top-k instance-normalised feed-forward outputs [B, T, D] (fp32) of the
+        student's unmasked projected frames, with the student's current positional conv."""
+        teacher = self.teacher
+        if next(teacher.parameters()).device != projected.device:
+            teacher.to(projected.device)
+        teacher.positions.load_state_dict(self.encoder.positions.state_dict())  # not an EMA: the student's own
+        real = torch.ones(projected.shape[:2], dtype=torch.bool, device=projected.device) if padding is None else ~padding
+        autocast = torch.autocast(projected.device.type, dtype=projected.dtype, enabled=projected.dtype != torch.float32)
+        with autocast:
+            ffns = teacher.contextualise(projected.detach().float(), padding, all_layers=True)["ffn"]
+        top = [normalise(ffn.float(), real) for ffn in ffns[-self.cfg.data2vec_top_k:]]
+        return sum(top) / len(top)
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor, labels: dict[str, torch.Tensor],
+                generator: torch.Generator | None = None, skip: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """As Objective.forward (masks, optional mixup, feature penalty, optional CQT head); `labels` must be empty."""
+        if labels:
+            raise ValueError(f"objective.kind=data2vec got teacher labels {sorted(labels)}; leave data.labels empty")
+        frames = int(self.encoder.frames(audio.shape[1]))
+        mask, picked = self.draw_mask(lengths, frames, audio.device, generator)
+        lengths = lengths.to(audio.device, non_blocking=True)
+        noisy = noise_mixup(audio, lengths, self.cfg, generator) if self.training else audio
+        out = self.encoder(noisy.to(self.encoder.projection.weight.dtype), lengths, mask, skip=skip)
+        target = self.targets(out["projected"], out["padding"]).flatten(0, 1).index_select(0, picked)  # [M, D]
+        h = out["x"].flatten(0, 1).index_select(0, picked)
+        prediction = self.final_proj(h).float()
+        regression = F.mse_loss(prediction, target, reduction="none").sum(-1).mean() / math.sqrt(target.shape[-1])
+        penalty = feature_penalty(out["features"], out["padding"])
+        loss = regression + penalty * self.cfg.feature_penalty
+        logs = {"masked_frames": mask.sum(), "feature_penalty": penalty.detach(), f"loss/{STREAM}": regression.detach(),
+                "var/target": spread(target), "var/prediction": spread(prediction.detach())}
+        if self._cqt is not None:
+            mse = self.cqt_loss(audio, h, frames, picked)
+            loss = loss + self.cfg.cqt_weight * mse
+            logs["loss/cqt"] = mse.detach()
+        logs["loss"] = loss.detach()
+        return loss, logs
+
+
+class TeacherState:
+    """The checkpoint part "teacher": the EMA weights of the engine's current objective (looked up at each call,
+    since a failed load rebuilds the engine)."""
+
+    def __init__(self, objective_of):
+        self.objective_of = objective_of
+
+    def state_dict(self) -> dict:
+        return {name: p.detach().cpu().clone() for name, p in self.objective_of().teacher_parameters().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        teacher = self.objective_of().teacher_parameters()
+        if set(state) != set(teacher):
+            raise ValueError(f"the saved data2vec teacher holds {len(state)} tensors, this model's {len(teacher)}: "
+                             "another model.* than the checkpoint's")
+        with torch.no_grad():
+            for name, p in teacher.items():
+                p.copy_(state[name])

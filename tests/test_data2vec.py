@@ -1,0 +1,148 @@
+"""data2vec / Music2Vec (pretrain/data2vec.py): the EMA teacher follows the student by the annealed decay, is fp32
+and outside the module tree, gives instance-normalised targets that padding does not change; a tiny model learns
+them; an end-to-end run with objective.kind=data2vec and no data.labels trains, checkpoints (with its teacher) and
+resumes exactly."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import pytest
+import torch
+
+from pretrain.checkpoint import parts_of, rank_file
+from pretrain.config import ConfigError, load_config
+from pretrain.data2vec import Data2VecObjective, ema_decay
+from pretrain.model import Encoder
+from test_bestrq import music
+from test_model import TINY
+from test_train import final_weights, metrics, run, samples
+
+CFG = load_config("configs/tiny.yaml", ["objective.kind=data2vec", "data.labels=[]", "objective.data2vec_top_k=2",
+                                        "objective.cqt_weight=0", "objective.mixup_prob=0"]).objective
+
+
+def objective(seed: int = 0, cfg=CFG) -> Data2VecObjective:
+    torch.manual_seed(seed)
+    return Data2VecObjective(cfg, Encoder(TINY))
+
+
+def test_the_decay_anneals_linearly_then_stays():
+    cfg = dataclasses.replace(CFG, data2vec_ema_decay=0.99, data2vec_ema_end_decay=0.999, data2vec_ema_anneal_steps=0)
+    assert ema_decay(cfg, 0, 100) == pytest.approx(0.99)
+    assert ema_decay(cfg, 50, 100) == pytest.approx(0.9945)
+    assert ema_decay(cfg, 100, 100) == ema_decay(cfg, 500, 100) == 0.999
+    assert ema_decay(dataclasses.replace(cfg, data2vec_ema_anneal_steps=10), 10, 100) == 0.999
+
+
+def test_the_teacher_follows_the_student_blocks_only_and_stays_out_of_the_module_tree():
+    model = objective()
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())  # a copy at the start
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    model.after_update(1, 10)
+    decay = ema_decay(CFG, 1, 10)
+    student = model.encoder.state_dict()
+    for name, value in model.teacher.state_dict().items():
+        if name.startswith(("norm.", "blocks.")):
+            assert torch.allclose(value, decay * before[name] + (1 - decay) * student[name], atol=1e-6), name
+        else:  # the conv extractor, projection and positional conv are not followed (the student's are used)
+            assert torch.equal(value, before[name]), name
+    # Not parameters, not buffers: not in the optimizer or DeepSpeed's files, and never cast to bf16.
+    assert set(model.state_dict()) == ({f"encoder.{k}" for k in model.encoder.state_dict()}
+                                       | {"final_proj.weight", "final_proj.bias"})
+    model.to(torch.bfloat16)
+    assert model.teacher.blocks[0].ffn[0].weight.dtype == torch.float32
+
+
+def test_targets_are_instance_normalised_over_real_frames_and_padding_changes_none():
+    model = objective().eval()
+    audio = music(items=2)
+    audio[1, 36000:] = 0
+    lengths = torch.tensor([48000, 36000])
+    out = model.encoder(audio, lengths)
+    targets = model.targets(out["projected"], out["padding"])
+    real = int((~out["padding"][1]).sum())
+    assert targets.shape == out["x"].shape and targets.dtype == torch.float32
+    # each of the top-k layers has mean 0 and std 1 per channel over the real frames: so has their mean's mean
+    assert targets[1, :real].mean(0).abs().max() < 1e-4 and (targets[1, real:] == 0).all()
+    alone = model.encoder(audio[1:, :36000], lengths[1:])
+    alone_targets = model.targets(alone["projected"], alone["padding"])
+    assert torch.allclose(alone_targets[0, :real], targets[1, :real], atol=1e-4)
+
+
+def test_a_tiny_model_learns_the_targets():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CFG, data2vec_ema_decay=0.999, data2vec_ema_end_decay=0.999)
+    model = Data2VecObjective(cfg, Encoder(dataclasses.replace(TINY, dropout=0.0, attention_dropout=0.0)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    audio, lengths, losses = music(items=4), torch.full((4,), 48000), []
+    for step in range(40):
+        loss, logs = model(audio, lengths, {}, torch.Generator().manual_seed(step % 4))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.after_update(step + 1, 40)
+        losses.append(logs["loss/data2vec"].item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert logs["var/prediction"] > 0.1 and logs["var/target"] > 0.5  # learned, not collapsed onto a constant
+
+
+def test_the_music2vec_preset_is_the_95m_encoder_on_data2vec_base_settings():
+    cfg = load_config("configs/music2vec_95m.yaml", ["data.shards=/data/shards"])
+    o = cfg.objective
+    assert (o.kind, o.data2vec_top_k, o.mask_prob, o.mask_length, o.feature_penalty) == ("data2vec", 8, 0.65, 10, 0)
+    assert (cfg.model.dim, cfg.model.layers, cfg.model.conv_norm, cfg.data.labels) == (768, 12, "layer", ())
+
+
+def test_labels_and_impossible_settings_are_refused():
+    with pytest.raises(ValueError, match="data.labels"):
+        Data2VecObjective(CFG, Encoder(TINY), {"km": [8]})
+    base = ["objective.kind=data2vec", "data.shards=x"]
+    with pytest.raises(ConfigError, match="data.labels"):
+        load_config("configs/tiny.yaml", base + ["data.labels=[x/labels/km]"])
+    with pytest.raises(ConfigError, match="data2vec_top_k=9"):
+        load_config("configs/tiny.yaml", base + ["data.labels=[]", "objective.data2vec_top_k=9"])
+    with pytest.raises(ConfigError, match="data2vec_ema_decay=1.5"):
+        load_config("configs/tiny.yaml", base + ["data.labels=[]", "objective.data2vec_top_k=2",
+                                                 "objective.data2vec_ema_decay=1.5"])
+
+
+def data2vec_command(shards: str, run_dir, *extra) -> list[str]:
+    return [sys.executable, "-m", "pretrain.train", "--config", "configs/tiny.yaml", "objective.kind=data2vec",
+            "data.labels=[]", "objective.data2vec_top_k=2", "objective.data2vec_ema_decay=0.9",
+            "objective.data2vec_ema_end_decay=0.99", "objective.data2vec_ema_anneal_steps=6",
+            "objective.mask_length=10", f"data.shards={shards}",
+            "data.crop_seconds=1.0", "data.batch_size=2", "data.shuffle_buffer=8", f"train.run_dir={run_dir}",
+            "train.log_every=1", "train.log_samples=true", *extra]
+
+
+def teacher_weights(run_dir, step: int) -> dict[str, torch.Tensor]:
+    path = os.path.join(run_dir, "checkpoints", f"step-{step:08d}", rank_file(0))
+    return parts_of(torch.load(path, weights_only=True))["teacher"]
+
+
+@pytest.mark.slow
+def test_data2vec_run_without_labels_resumes_exactly_with_its_teacher(train_data, tmp_path):
+    shards = train_data[0]  # audio only: the k-means labels beside it are not read
+    extra = ("train.save_every=3", "train.eval_every=3", f"train.eval_shards={shards}", "train.eval_batches=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(data2vec_command(shards, straight, "train.steps=6", *extra))
+    run(data2vec_command(shards, resumed, "train.steps=3", *extra))
+    done = run(data2vec_command(shards, resumed, "train.steps=6", *extra))
+    assert "resumed from" in done.stderr and "step-00000003" in done.stderr
+    a, b = metrics(straight), metrics(resumed)
+    assert [r["step"] for r in b if "loss" in r] == list(range(1, 7))
+    assert {"loss/data2vec", "var/target", "eval/loss/data2vec", "collapse/effective_rank"} <= set().union(*a)
+    for row_a, row_b in zip(a, b):
+        assert row_a["step"] == row_b["step"] and row_a.keys() == row_b.keys()
+        assert all(abs(row_a[k] - row_b[k]) <= 1e-5 for k in row_a if "loss" in k or "var/" in k), row_a["step"]
+    wa, wb = final_weights(straight, 6), final_weights(resumed, 6)
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
+    ta, tb = teacher_weights(straight, 6), teacher_weights(resumed, 6)
+    assert ta.keys() == tb.keys() and all(torch.allclose(ta[k], tb[k], rtol=0, atol=1e-6) for k in ta)
+    assert not torch.equal(ta["blocks.0.ffn.0.weight"], teacher_weights(straight, 3)["blocks.0.ffn.0.weight"])
+    assert samples(straight, 0) == samples(resumed, 0)
