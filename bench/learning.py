@@ -1,7 +1,8 @@
 """Does pretraining teach the encoder anything? Train a preset, then probe it against its own random init and baselines.
 
     python bench/learning.py [--config configs/small.yaml] [--minutes 30] [--steps N] [--scale 1.0]
-                             [--teacher logmel_chroma|mfcc] [--name NAME] [--work bench_out/learning] [key=value ...]
+                             [--teacher logmel_chroma|mfcc] [--objective mert|bestrq|data2vec] [--name NAME]
+                             [--work bench_out/learning] [key=value ...]
     python bench/learning.py --smoke     # tiny preset, 1 minute of audio, 20 steps, probe scale 0.1 (work: *-smoke)
     python bench/learning.py --run RUN_DIR --work DIR [--scale S]   # only probe a finished run (the demo does)
 
@@ -14,6 +15,11 @@ each task's primary metric (accuracy; key: MIREX weighted score) for the probe w
 among every single layer and the weighted sum of layers, the trained / random ratio, and the effective rank
 (principal components holding 95% of the variance of the centred final-layer clip embeddings). Figures go to
 WORK/learning.json. The exit code is 0 whether the targets pass or fail.
+
+`--objective` trains the same preset on the same corpus with another objective.kind (OBJECTIVE_SETTINGS: the
+reference settings of each, scaled only where the preset's depth requires); bestrq and data2vec need no k-means
+teacher. Each run keeps its own trained features (WORK/features/TASK/trained-NAME), so objectives compare on one
+probe corpus and one random init.
 """
 from __future__ import annotations
 
@@ -35,6 +41,16 @@ import soundfile as sf  # noqa: E402
 TASKS = ("pitch", "instrument", "key")
 BASELINES = ("mfcc", "chroma", "logmel")
 FEATURE_SETS = ("trained", "random") + BASELINES
+# --objective: pretrain.train overrides before the user's key=value ones. data2vec averages the top 2/3 of the
+# teacher's blocks (data2vec base: 8 of 12); its EMA decays are fairseq's. bestrq: configs/bestrq_95m.yaml's masking.
+OBJECTIVE_SETTINGS = {
+    "mert": lambda layers: [],
+    "bestrq": lambda layers: ["objective.kind=bestrq", "data.labels=[]", "objective.mask_length=30",
+                              "objective.mask_prob=0.9", "objective.cqt_weight=0", "objective.mixup_prob=0"],
+    "data2vec": lambda layers: ["objective.kind=data2vec", "data.labels=[]", f"objective.data2vec_top_k={max(1, round(layers * 2 / 3))}",
+                                "objective.mask_prob=0.65", "objective.mask_length=10", "objective.cqt_weight=0",
+                                "objective.mixup_prob=0"],
+}
 SMOKE = {"config": "configs/tiny.yaml", "minutes": 1.0, "steps": 20, "scale": 0.1}
 TIMES: dict[str, float] = {}
 
@@ -75,8 +91,9 @@ def prepare_training(args, work: str) -> str:
     labels = os.path.join(shards, "labels", args.teacher)
     teacher = ["--config", f"configs/teachers/{args.teacher}.yaml", f"shards={shards}",
                f"out={os.path.join(work, 'teachers', args.teacher)}", "--workers", "2"]
-    run_stage(f"teacher {args.teacher}", os.path.exists(os.path.join(labels, "teacher.json")),
-              [py("teachers.kmeans", stage, *teacher) for stage in ("fit", "dump")], work)
+    if args.objective == "mert":  # bestrq and data2vec make their targets in the step
+        run_stage(f"teacher {args.teacher}", os.path.exists(os.path.join(labels, "teacher.json")),
+                  [py("teachers.kmeans", stage, *teacher) for stage in ("fit", "dump")], work)
     return labels
 
 
@@ -84,8 +101,10 @@ def train(args, work: str, labels: str) -> str:
     from pretrain.config import load_config
 
     run_dir = os.path.join(work, "runs", args.name)
+    layers = load_config(args.config, ["data.shards=unused", "objective.kind=mert", "data.labels=[unused]"]).model.layers
     overrides = [f"data.shards={os.path.join(work, 'shards')}", f"data.labels=[{labels}]", f"train.run_dir={run_dir}",
-                 *([f"train.steps={args.steps}"] if args.steps else []), *args.overrides]
+                 *([f"train.steps={args.steps}"] if args.steps else []),
+                 *OBJECTIVE_SETTINGS[args.objective](layers), *args.overrides]
     steps = load_config(args.config, overrides).train.steps
     status = read(os.path.join(run_dir, "status.json")) or {}
     done = status.get("state") == "finished" and status.get("step", -1) >= steps
@@ -107,15 +126,25 @@ def window_seconds(folder: str) -> float:
 
 def extract_all(work: str, run_dir: str) -> dict[str, dict[str, str]]:
     """Features of every task for every feature set; returns {task: {name: folder}}."""
+    from dataclasses import asdict
+
+    from pretrain.config import from_yaml
+
     step = (read(os.path.join(run_dir, "status.json")) or {}).get("step")
+    config = from_yaml(open(os.path.join(run_dir, "config.yaml")).read())
     sources = {"trained": ["--ckpt", run_dir], "random": ["--random-init", os.path.join(run_dir, "config.yaml")],
                **{name: ["--baseline", name, "--pooling", "mean_std"] for name in BASELINES}}
+    # the random init is the encoder config and seed's, whichever run (objective) it is read from
+    made_from = {"trained": (sources["trained"], step), "random": ([asdict(config.model), config.train.seed], None),
+                 **{name: (source, None) for name, source in sources.items() if name in BASELINES}}
     folders = {}
     for task in TASKS:
         audio, window = os.path.join(work, "probe", task), window_seconds(os.path.join(work, "probe", task))
         for name, source in sources.items():
-            out = os.path.join(work, "features", task, name)
-            marker = {"source": source, "window_seconds": window, "step": step if name == "trained" else None}
+            folder = f"trained-{os.path.basename(os.path.normpath(run_dir))}" if name == "trained" else name
+            out = os.path.join(work, "features", task, folder)
+            what, at = made_from[name]
+            marker = json.loads(json.dumps({"source": what, "window_seconds": window, "step": at}))  # as read back
             saved = read(os.path.join(out, "bench.json"))
             if saved is not None and saved != marker:
                 shutil.rmtree(out)  # made from another checkpoint or with other settings: redo (unfinished: resume)
@@ -234,6 +263,8 @@ def parse_args(argv=None):
     parser.add_argument("--teacher", choices=("logmel_chroma", "mfcc"), default="logmel_chroma")
     parser.add_argument("--timbres", choices=("fixed", "random"), default="fixed",
                         help="training corpus voices (python -m data.demo --timbres); the probe corpus always has random ones")
+    parser.add_argument("--objective", choices=tuple(OBJECTIVE_SETTINGS), default="mert",
+                        help="objective.kind to train the preset with (default mert; see OBJECTIVE_SETTINGS)")
     parser.add_argument("--steps", type=int, help="shortcut for train.steps=N")
     parser.add_argument("--name", help="run name (default: the config's file name)")
     parser.add_argument("--smoke", action="store_true", help="tiny preset, 1 minute, 20 steps, probe scale 0.1")
@@ -246,7 +277,8 @@ def parse_args(argv=None):
     args.work = args.work or ("bench_out/learning-smoke" if args.smoke else "bench_out/learning")
     if args.run:
         args.config = os.path.join(args.run, "config.yaml")
-    args.name = args.name or os.path.splitext(os.path.basename(args.config))[0]
+    suffix = "" if args.objective == "mert" else f"-{args.objective}"
+    args.name = args.name or os.path.splitext(os.path.basename(args.config))[0] + suffix
     if not os.path.isfile(os.path.join(ROOT, args.config)) and not os.path.isfile(args.config):
         parser.error(f"--config {args.config}: no such file")
     if any("=" not in item for item in args.overrides):
@@ -262,7 +294,9 @@ def main(argv=None) -> None:
         run_dir = os.path.abspath(args.run)
         print(f"learning benchmark: probing {run_dir}, work {work}")
     else:
-        print(f"learning benchmark: {args.config}, {args.minutes:g} min corpus, teacher {args.teacher}, work {work}")
+        teacher = f"teacher {args.teacher}" if args.objective == "mert" else "no teacher"
+        print(f"learning benchmark: {args.config}, objective {args.objective}, {args.minutes:g} min corpus, {teacher}, "
+              f"work {work}")
         run_dir = train(args, work, prepare_training(args, work))
     probe_dir = os.path.join(work, "probe")
     run_stage("probe corpus", os.path.exists(os.path.join(probe_dir, "probe.json")),
@@ -279,7 +313,7 @@ def main(argv=None) -> None:
     for label, ok in checks:
         print(f"  {'PASS' if ok else 'FAIL'}  {label}")
     total = time.perf_counter() - started
-    results = {"config": args.config, "name": args.name, "teacher": args.teacher, "minutes": args.minutes,
+    results = {"config": args.config, "name": args.name, "objective": args.objective, "teacher": args.teacher, "minutes": args.minutes,
                "scale": args.scale, "overrides": args.overrides, "training": training, "scores": scores,
                "effective_rank": ranks, "targets": {label: ok for label, ok in checks},
                "stage_seconds": {**(read(os.path.join(work, "learning.json")) or {}).get("stage_seconds", {}),

@@ -71,8 +71,10 @@ class Data2VecObjective(Objective):
         return self._teacher[0]
 
     def teacher_parameters(self) -> dict[str, torch.Tensor]:
-        """The EMA weights by name (the teacher's norm before the blocks and its blocks), fp32."""
-        return {name: p for name, p in self.teacher.named_parameters() if name.startswith(TEACHER_PREFIXES)}
+        """The EMA weights by name, fp32: the teacher's norm before the blocks and its blocks; with
+        data2vec_ema_all every weight but the mask embedding (the teacher never sees a mask)."""
+        return {name: p for name, p in self.teacher.named_parameters()
+                if (name != "mask_embedding" if self.cfg.data2vec_ema_all else name.startswith(TEACHER_PREFIXES))}
 
     @torch.no_grad()
     def after_update(self, step: int, total_steps: int) -> None:
@@ -88,17 +90,22 @@ class Data2VecObjective(Objective):
 
     @torch.compiler.disable  # train.compile: the teacher runs eagerly (it is outside the compiled module)
     @torch.no_grad()
-    def targets(self, projected: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
-        """The teacher's average of its top-k instance-normalised feed-forward outputs [B, T, D] (fp32) of the
-        student's unmasked projected frames, with the student's current positional conv."""
+    def targets(self, projected: torch.Tensor, padding: torch.Tensor | None, audio: torch.Tensor,
+                lengths: torch.Tensor) -> torch.Tensor:
+        """The teacher's average of its top-k instance-normalised feed-forward outputs [B, T, D] (fp32): of the
+        student's unmasked projected frames, with the student's current positional conv; with data2vec_ema_all,
+        of the clean audio through the whole teacher."""
         teacher = self.teacher
         if next(teacher.parameters()).device != projected.device:
             teacher.to(projected.device)
-        teacher.positions.load_state_dict(self.encoder.positions.state_dict())  # not an EMA: the student's own
         real = torch.ones(projected.shape[:2], dtype=torch.bool, device=projected.device) if padding is None else ~padding
         autocast = torch.autocast(projected.device.type, dtype=projected.dtype, enabled=projected.dtype != torch.float32)
         with autocast:
-            ffns = teacher.contextualise(projected.detach().float(), padding, all_layers=True)["ffn"]
+            if self.cfg.data2vec_ema_all:
+                ffns = teacher(audio.float(), lengths, all_layers=True)["ffn"]
+            else:
+                teacher.positions.load_state_dict(self.encoder.positions.state_dict())  # not an EMA: the student's
+                ffns = teacher.contextualise(projected.detach().float(), padding, all_layers=True)["ffn"]
         top = [normalise(ffn.float(), real) for ffn in ffns[-self.cfg.data2vec_top_k:]]
         return sum(top) / len(top)
 
@@ -113,7 +120,7 @@ class Data2VecObjective(Objective):
         lengths = lengths.to(audio.device, non_blocking=True)
         noisy = noise_mixup(audio, lengths, self.cfg, generator) if self.training else audio
         out = self.encoder(noisy.to(self.encoder.projection.weight.dtype), lengths, mask, skip=skip)
-        target = self.targets(out["projected"], out["padding"]).flatten(0, 1).index_select(0, picked)  # [M, D]
+        target = self.targets(out["projected"], out["padding"], audio, lengths).flatten(0, 1).index_select(0, picked)
         h = out["x"].flatten(0, 1).index_select(0, picked)
         prediction = self.final_proj(h).float()
         regression = F.mse_loss(prediction, target, reduction="none").sum(-1).mean() / math.sqrt(target.shape[-1])

@@ -3,9 +3,11 @@
     python -m teachers.kmeans fit  --config configs/teachers/logmel_chroma.yaml [key=value ...]
     python -m teachers.kmeans dump --config configs/teachers/logmel_chroma.yaml [--workers N --rank R --world W]
 
-A config lists one or more streams; each is a feature (teachers.features) and
-a k, and becomes one codebook of the labels: MERT v0's log-mel k=300 and
-chroma k=200 are two streams, MusicHuBERT's 39-d MFCC k=500 is one.
+A config lists one or more streams; each is a feature (teachers.features, or
+a trained encoder's layer: teachers.encoder_features) and a k, and becomes one
+codebook of the labels: MERT v0's log-mel k=300 and chroma k=200 are two
+streams, MusicHuBERT's 39-d MFCC k=500 is one, HuBERT's second iteration
+(k=500 over layer 6 of the first) is one.
 
 `fit` reads every shard once, samples frames into a fixed-size reservoir per
 stream (memory is `max_frames x dim` floats, whatever the corpus size),
@@ -41,6 +43,7 @@ from data.index import read_index
 from data.logs import setup_logging
 from data.tar import read_samples
 from teachers.dump import dump, format_report, restart_with_tuned_malloc
+from teachers.encoder_features import EncoderFeatureConfig, EncoderFeatures
 from teachers.features import FeatureConfig, FeatureExtractor
 from teachers.reservoir import Reservoir
 
@@ -75,7 +78,10 @@ class KMeansConfig:
 def load_config(path: str, overrides: list[str] = ()) -> KMeansConfig:
     """YAML over the schema's defaults, `key=value` overrides over the YAML; errors name the file and key."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(KMeansConfig), OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(OmegaConf.structured(KMeansConfig), OmegaConf.load(path))
+        for item in overrides:  # one by one, so that a key may index a list: streams.0.features.encoder=RUN
+            key, _, raw = item.partition("=")
+            OmegaConf.update(merged, key, OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"])
         cfg: KMeansConfig = OmegaConf.to_object(merged)
     except FileNotFoundError:
         raise SystemExit(f"{path}: no such config; see configs/teachers/ for examples") from None
@@ -88,11 +94,18 @@ def load_config(path: str, overrides: list[str] = ()) -> KMeansConfig:
     return cfg
 
 
-def feature_config(stream: StreamSpec, source: str = "config") -> FeatureConfig:
+def feature_config(stream: StreamSpec, source: str = "config") -> FeatureConfig | EncoderFeatureConfig:
+    """The stream's features: a spectral kind (teachers/features.py) or kind encoder, a trained encoder's layer
+    (teachers/encoder_features.py: HuBERT's second iteration)."""
+    features = dict(stream.features)
     try:
-        return FeatureConfig(**stream.features)
-    except TypeError as e:
-        raise SystemExit(f"{source}: stream {stream.name}: bad features {dict(stream.features)} ({e})") from None
+        return EncoderFeatureConfig(**features) if features.get("kind") == "encoder" else FeatureConfig(**features)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"{source}: stream {stream.name}: bad features {features} ({e})") from None
+
+
+def extractor(features: FeatureConfig | EncoderFeatureConfig) -> torch.nn.Module:
+    return EncoderFeatures(features) if isinstance(features, EncoderFeatureConfig) else FeatureExtractor(features)
 
 
 def fit_settings(cfg: KMeansConfig) -> dict:
@@ -107,7 +120,7 @@ def fit_settings(cfg: KMeansConfig) -> dict:
 
 def sample_frames(cfg: KMeansConfig, index: dict) -> tuple[dict[str, Reservoir], int]:
     """One pass over the shards: every chosen segment's frames go into each stream's reservoir."""
-    extractors = {s.name: FeatureExtractor(feature_config(s)) for s in cfg.streams}
+    extractors = {s.name: extractor(feature_config(s)) for s in cfg.streams}
     reservoirs = {s.name: Reservoir(cfg.max_frames, feature_config(s).dim, seed=cfg.seed + i) for i, s in enumerate(cfg.streams)}
     rng, segments = np.random.default_rng(cfg.seed), 0
     for shard in tqdm(index["shards"], desc=f"{cfg.name} fit: sample frames", unit="shard"):
@@ -201,7 +214,8 @@ class KMeansTeacher:
         self.name, self.config_hash, self.device = record["teacher"], record["config_hash"], torch.device(device)
         self.streams = []
         for stream in record["settings"]["streams"]:
-            extract = FeatureExtractor(FeatureConfig(**stream["features"])).to(self.device)
+            extract = extractor(feature_config(StreamSpec(stream["name"], stream["k"], stream["features"]), model_dir))
+            extract = extract.to(self.device)
             tensors = [torch.from_numpy(arrays[f"{stream['name']}.{key}"]).to(self.device) for key in ("centroids", "mean", "std")]
             self.streams.append((extract, *tensors))
         self.codebook_sizes = [s["k"] for s in record["settings"]["streams"]]

@@ -64,13 +64,13 @@ def test_targets_are_instance_normalised_over_real_frames_and_padding_changes_no
     audio[1, 36000:] = 0
     lengths = torch.tensor([48000, 36000])
     out = model.encoder(audio, lengths)
-    targets = model.targets(out["projected"], out["padding"])
+    targets = model.targets(out["projected"], out["padding"], audio, lengths)
     real = int((~out["padding"][1]).sum())
     assert targets.shape == out["x"].shape and targets.dtype == torch.float32
     # each of the top-k layers has mean 0 and std 1 per channel over the real frames: so has their mean's mean
     assert targets[1, :real].mean(0).abs().max() < 1e-4 and (targets[1, real:] == 0).all()
     alone = model.encoder(audio[1:, :36000], lengths[1:])
-    alone_targets = model.targets(alone["projected"], alone["padding"])
+    alone_targets = model.targets(alone["projected"], alone["padding"], audio[1:, :36000], lengths[1:])
     assert torch.allclose(alone_targets[0, :real], targets[1, :real], atol=1e-4)
 
 

@@ -1,0 +1,90 @@
+"""A trained encoder's layer as k-means features: the targets of HuBERT's second iteration (MusicHuBERT too).
+
+    streams:
+      - name: layer6
+        k: 500
+        features: {kind: encoder, encoder: runs/mert_95m, layer: 6}
+
+`encoder` is a run directory (its newest complete checkpoint), one checkpoint folder, or a file written by
+`python -m pretrain.export`; `layer` 0 is the input of the first block (the projected conv features, with the
+positional conv and norm: pretrain.extract's "embedding"), layer i the output of block i. The encoder runs frozen,
+in fp32, in eval mode (no dropout, no layerdrop, no mask) on the whole segment.
+
+Frames: encoder frame t sees samples [320 t, 320 t + 400), so it is label frame t; the conv stack gives one or two
+frames fewer than N // 320, and the last encoder frame is repeated to fill them, so a segment of N samples gets
+N // 320 frames like every other feature kind (teachers/features.py).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from data.audio import FRAME_SAMPLES
+
+
+@functools.lru_cache(maxsize=4)
+def _encoder(path: str):
+    from pretrain.export import load_any  # the model, not the trainer: teachers stay free of training code
+
+    try:
+        encoder, _ = load_any(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise ValueError(f"features kind encoder: encoder={path!r} is not a run directory, checkpoint folder or "
+                         f"exported encoder ({error}); train one with python -m pretrain.train, or export one with "
+                         "python -m pretrain.export") from None
+    return encoder.eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class EncoderFeatureConfig:
+    kind: str = "encoder"
+    encoder: str = ""  # run directory, checkpoint folder or exported encoder file
+    layer: int = 0  # 0: the first block's input ("embedding"); i: block i's output
+
+    def __post_init__(self) -> None:
+        if self.kind != "encoder":
+            raise ValueError(f"EncoderFeatureConfig is for kind 'encoder', got {self.kind!r}")
+        if not self.encoder:
+            raise ValueError("features kind encoder needs encoder=RUN_DIR (or a checkpoint or an exported encoder)")
+        layers = _encoder(self.encoder).cfg.layers
+        if not 0 <= self.layer <= layers:
+            raise ValueError(f"features kind encoder: layer={self.layer}, but {self.encoder} has layers 0 (embedding) "
+                             f"to {layers}")
+
+    @property
+    def dim(self) -> int:
+        return _encoder(self.encoder).cfg.dim
+
+
+class EncoderFeatures(torch.nn.Module):
+    """[B, N] (or [N]) 24 kHz audio -> [B, N // 320, dim] (or [N // 320, dim]) float32: one layer of a frozen encoder."""
+
+    def __init__(self, cfg: EncoderFeatureConfig):
+        super().__init__()
+        self.cfg, self.encoder = cfg, _encoder(cfg.encoder)
+
+    @torch.no_grad()
+    def forward(self, audio: Tensor) -> Tensor:
+        if audio.dim() == 1:
+            return self.forward(audio.unsqueeze(0)).squeeze(0)
+        frames = audio.shape[-1] // FRAME_SAMPLES
+        device = audio.device
+        self.encoder.to(device)
+        if int(self.encoder.frames(audio.shape[-1])) < 1:
+            return audio.new_zeros(audio.shape[0], frames, self.cfg.dim)
+        captured = []
+        hook = self.encoder.blocks[0].register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            out = self.encoder(audio.float(), all_layers=self.cfg.layer > 0)
+        finally:
+            hook.remove()
+        layer, last = self.cfg.layer, self.encoder.cfg.layers
+        # as pretrain.extract's layers: the last is the encoder's output (Pre-LN: after its final norm)
+        x = captured[0] if layer == 0 else out["x"] if layer == last else out["layers"][layer - 1]
+        missing = frames - x.shape[1]
+        if missing > 0:
+            x = torch.cat([x, x[:, -1:].expand(-1, missing, -1)], dim=1)
+        return x[:, :frames].float().contiguous()
