@@ -58,6 +58,27 @@ def test_the_teacher_follows_the_student_blocks_only_and_stays_out_of_the_module
     assert model.teacher.blocks[0].ffn[0].weight.dtype == torch.float32
 
 
+def test_with_ema_all_the_teacher_follows_every_weight_and_reads_the_clean_audio():
+    model = objective(cfg=dataclasses.replace(CFG, data2vec_ema_all=True))
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    model.after_update(1, 10)
+    decay, student = ema_decay(CFG, 1, 10), model.encoder.state_dict()
+    followed = {k for k, v in model.teacher.state_dict().items() if not torch.equal(v, before[k])}
+    assert "extractor.blocks.0.0.weight" in followed and "projection.weight" in followed
+    assert "mask_embedding" not in followed  # the teacher never sees a mask
+    for name in followed:
+        assert torch.allclose(model.teacher.state_dict()[name], decay * before[name] + (1 - decay) * student[name],
+                              atol=1e-6), name
+    audio, lengths = music(items=2), torch.tensor([48000, 48000])
+    out = model.encoder(audio, lengths)
+    with torch.no_grad():  # the student's projected features are not used: the teacher runs on the audio itself
+        targets = model.targets(torch.zeros_like(out["projected"]), out["padding"], audio, lengths)
+    assert targets.abs().sum() > 0 and targets[0].mean(0).abs().max() < 1e-4
+
+
 def test_targets_are_instance_normalised_over_real_frames_and_padding_changes_none():
     model = objective().eval()
     audio = music(items=2)
