@@ -80,13 +80,12 @@ class Data2VecObjective(Objective):
     def after_update(self, step: int, total_steps: int) -> None:
         """The teacher follows the student after optimizer update `step` (1-based): t <- d t + (1 - d) s."""
         decay = ema_decay(self.cfg, step, total_steps)
-        student = dict(self.encoder.named_parameters())
-        names = list(self.teacher_parameters())
-        teacher = self.teacher_parameters()
-        if teacher[names[0]].device != student[names[0]].device:
-            self.teacher.to(student[names[0]].device)
+        student, teacher = dict(self.encoder.named_parameters()), self.teacher_parameters()
+        first = next(iter(teacher))
+        if teacher[first].device != student[first].device:
+            self.teacher.to(student[first].device)
             teacher = self.teacher_parameters()
-        torch._foreach_lerp_([teacher[n] for n in names], [student[n].detach().float() for n in names], 1.0 - decay)
+        torch._foreach_lerp_(list(teacher.values()), [student[n].detach().float() for n in teacher], 1.0 - decay)
 
     @torch.compiler.disable  # train.compile: the teacher runs eagerly (it is outside the compiled module)
     @torch.no_grad()
