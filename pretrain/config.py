@@ -47,6 +47,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the objective (encoder + heads) via DeepSpeed's engine.compile()
     checkpoint_activations: bool = False  # recompute each transformer block in the backward pass (less memory)
     seed: int = 0
+    init_from: str = ""  # warm start: encoder weights at step 0 from a run, checkpoint, export or HF HuBERT folder
     log_every: int = 100
     save_every: int = 2000  # steps; also on SIGTERM / SIGUSR1
     keep: int = 3  # newest checkpoints kept

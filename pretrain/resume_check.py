@@ -18,10 +18,11 @@ from pretrain.config import ConfigError, RunConfig, from_yaml
 # dropout bits Inductor draws (from the same saved generator) instead of eager's.
 # train.checkpoint_activations recomputes each block's forward in the backward pass with the RNG state of the
 # first pass: the same losses and gradients (tests/test_step.py), so it may be flipped too.
+# train.init_from only sets the weights of step 0, which a resume replaces with its checkpoint's.
 FREE_TO_CHANGE = ("train.steps", "train.log_every", "train.save_every", "train.keep", "train.max_nonfinite",
                   "train.peak_tflops", "train.force_resume", "train.log_samples", "train.run_dir",
                   "train.min_loss_scale", "train.restart", "train.eval_", "train.collapse_", "train.compile",
-                  "train.checkpoint_activations", "optim.", "data.shards", "data.prefetch_factor")
+                  "train.checkpoint_activations", "train.init_from", "optim.", "data.shards", "data.prefetch_factor")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

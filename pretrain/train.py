@@ -31,13 +31,14 @@ from data.files import atomic_write_bytes, atomic_write_json
 from data.labels import label_entropy
 from data.logs import logger, setup_logging
 from data.stream import AudioLoader
-from pretrain.checkpoint import CheckpointError, Checkpointer
+from pretrain.checkpoint import CheckpointError, Checkpointer, checkpoint_names
 from pretrain.config import ConfigError, RunConfig, load_config, to_yaml
 from pretrain.engine import build_engine, device_for_rank, init_distributed, loss_scale
 from pretrain.metrics import Interval, Metrics, console_line, truncate_jsonl
 from pretrain.model import Encoder, training_flops
 from pretrain.bestrq import BestRQObjective
 from pretrain.data2vec import Data2VecObjective, TeacherState
+from pretrain.init_from import initial_weights
 from pretrain.objective import Objective
 from pretrain.resume_check import check_resumable
 from pretrain.step import Progress, TrainingError, TrainStep, seed_of
@@ -131,10 +132,21 @@ class Trainer:
         self.engine = None  # a failed load's engine goes before the clean one is built
         torch.manual_seed(self.cfg.train.seed)
         encoder = Encoder(self.cfg.model, checkpoint_activations=self.cfg.train.checkpoint_activations)
+        self.warm_start(encoder)  # before DeepSpeed copies the weights into its optimizer
         model = OBJECTIVES[self.cfg.objective.kind](self.cfg.objective, encoder, self.codebook_sizes).to(self.device)
         engine = build_engine(model, self.cfg)
         torch.manual_seed(seed_of(self.cfg.train.seed, self.rank, 1))
         return engine
+
+    def warm_start(self, encoder: Encoder) -> None:
+        """train.init_from's weights into a fresh encoder (a resume then loads its checkpoint over them, so a
+        run that holds checkpoints no longer needs the source)."""
+        path = self.cfg.train.init_from
+        if not path or (not os.path.exists(path) and checkpoint_names(os.path.join(self.run_dir, "checkpoints"))):
+            return
+        encoder.load_state_dict(initial_weights(path, encoder))
+        if self.rank == 0:
+            log.info("encoder initialised from %s (train.init_from)", path)
 
     @property
     def step(self) -> int:
