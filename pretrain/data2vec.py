@@ -31,7 +31,7 @@ from torch import nn
 
 from pretrain.bestrq import normalise
 from pretrain.model import Encoder
-from pretrain.objective import Objective, ObjectiveConfig, feature_penalty, noise_mixup
+from pretrain.objective import Objective, ObjectiveConfig
 
 STREAM = "data2vec"  # the logs' name: loss/data2vec
 TEACHER_PREFIXES = ("norm.", "blocks.")  # what the EMA follows (fairseq's ema_layers_only: not the positional conv)
@@ -114,25 +114,14 @@ class Data2VecObjective(Objective):
         """As Objective.forward (masks, optional mixup, feature penalty, optional CQT head); `labels` must be empty."""
         if labels:
             raise ValueError(f"objective.kind=data2vec got teacher labels {sorted(labels)}; leave data.labels empty")
-        frames = int(self.encoder.frames(audio.shape[1]))
-        mask, picked = self.draw_mask(lengths, frames, audio.device, generator)
-        lengths = lengths.to(audio.device, non_blocking=True)
-        noisy = noise_mixup(audio, lengths, self.cfg, generator) if self.training else audio
-        out = self.encoder(noisy.to(self.encoder.projection.weight.dtype), lengths, mask, skip=skip)
-        target = self.targets(out["projected"], out["padding"], audio, lengths).flatten(0, 1).index_select(0, picked)
-        h = out["x"].flatten(0, 1).index_select(0, picked)
-        prediction = self.final_proj(h).float()
+        step, loss, logs = self.masked_step(audio, lengths, generator, skip)
+        target = self.targets(step["projected"], step["padding"], audio, step["lengths"])
+        target = target.flatten(0, 1).index_select(0, step["picked"])  # [M, D]
+        prediction = self.final_proj(step["h"]).float()
         regression = F.mse_loss(prediction, target, reduction="none").sum(-1).mean() / math.sqrt(target.shape[-1])
-        penalty = feature_penalty(out["features"], out["padding"])
-        loss = regression + penalty * self.cfg.feature_penalty
-        logs = {"masked_frames": mask.sum(), "feature_penalty": penalty.detach(), f"loss/{STREAM}": regression.detach(),
-                "var/target": spread(target), "var/prediction": spread(prediction.detach())}
-        if self._cqt is not None:
-            mse = self.cqt_loss(audio, h, frames, picked)
-            loss = loss + self.cfg.cqt_weight * mse
-            logs["loss/cqt"] = mse.detach()
-        logs["loss"] = loss.detach()
-        return loss, logs
+        logs.update({f"loss/{STREAM}": regression.detach(), "var/target": spread(target),
+                     "var/prediction": spread(prediction.detach())})
+        return self.finish(loss + regression, logs, audio, step)
 
 
 class TeacherState:

@@ -174,14 +174,8 @@ class Objective(nn.Module):
         """Total loss and its parts as detached tensors (no device sync here when `lengths` is on the CPU, as the
         trainer passes it; the trainer reads the parts when it logs).
         `generator` draws masks and mixup (per rank); `skip` is the layerdrop choice (the same on every rank)."""
-        frames = int(self.encoder.frames(audio.shape[1]))
-        mask, picked = self.draw_mask(lengths, frames, audio.device, generator)
-        lengths = lengths.to(audio.device, non_blocking=True)
-        noisy = noise_mixup(audio, lengths, self.cfg, generator) if self.training else audio
-        out = self.encoder(noisy.to(self.encoder.projection.weight.dtype), lengths, mask, skip=skip)
-        h = out["x"].flatten(0, 1).index_select(0, picked)  # [M, D]: masked frames only, in x[mask]'s order
-        penalty = feature_penalty(out["features"], out["padding"])
-        logs, loss = {"masked_frames": mask.sum(), "feature_penalty": penalty.detach()}, penalty * self.cfg.feature_penalty
+        step, loss, logs = self.masked_step(audio, lengths, generator, skip)
+        h, picked, frames = step["h"], step["picked"], step["frames"]
         for stream, codes in labels.items():
             targets = codes[:, :frames].flatten(0, 1).index_select(0, picked)  # label frame t -> encoder frame t
             for book in range(targets.shape[1]):
@@ -192,8 +186,29 @@ class Objective(nn.Module):
                 known = (targets[:, book] >= 0).float()  # frames with a label (-1: none); no boolean indexing
                 hits = (logits.detach().argmax(-1) == targets[:, book]).float() * known
                 logs[f"acc/{stream}_{book}"] = hits.sum() / known.sum().clamp(min=1.0)
+        return self.finish(loss, logs, audio, step)
+
+    def masked_step(self, audio: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator | None,
+                    skip: torch.Tensor | None) -> tuple[dict, torch.Tensor, dict[str, torch.Tensor]]:
+        """What every objective does first: the span mask, mixup (training only), the encoder on the masked
+        input, the masked frames' outputs h [M, D] (in x[mask]'s order) and the feature penalty. Returns
+        (the encoder's outputs with "mask", "picked", "frames" and "h"; the weighted penalty; the logs so far)."""
+        frames = int(self.encoder.frames(audio.shape[1]))
+        mask, picked = self.draw_mask(lengths, frames, audio.device, generator)
+        lengths = lengths.to(audio.device, non_blocking=True)
+        noisy = noise_mixup(audio, lengths, self.cfg, generator) if self.training else audio
+        out = self.encoder(noisy.to(self.encoder.projection.weight.dtype), lengths, mask, skip=skip)
+        h = out["x"].flatten(0, 1).index_select(0, picked)
+        penalty = feature_penalty(out["features"], out["padding"])
+        logs = {"masked_frames": mask.sum(), "feature_penalty": penalty.detach()}
+        step = {**out, "mask": mask, "picked": picked, "frames": frames, "h": h, "lengths": lengths}
+        return step, penalty * self.cfg.feature_penalty, logs
+
+    def finish(self, loss: torch.Tensor, logs: dict, audio: torch.Tensor, step: dict,
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Adds the CQT head's term (when on) and the total to the logs."""
         if self._cqt is not None:
-            mse = self.cqt_loss(audio, h, frames, picked)
+            mse = self.cqt_loss(audio, step["h"], step["frames"], step["picked"])
             loss = loss + self.cfg.cqt_weight * mse
             logs["loss/cqt"] = mse.detach()
         logs["loss"] = loss.detach()
