@@ -5,6 +5,7 @@
                              [--work bench_out/learning] [key=value ...]
     python bench/learning.py --smoke     # tiny preset, 1 minute of audio, 20 steps, probe scale 0.1 (work: *-smoke)
     python bench/learning.py --run RUN_DIR --work DIR [--scale S]   # only probe a finished run (the demo does)
+    python bench/learning.py --compare WORK [WORK ...]   # one table of finished benchmarks (their learning.json)
 
 Every stage is a subprocess of the real CLIs, logged to WORK/logs/, and skipped when its output exists, so a re-run
 resumes: the demo corpus, shards, the k-means teacher (fit + dump), pretraining (key=value overrides go to
@@ -254,6 +255,27 @@ def training_summary(run_dir: str) -> dict:
     return {"first_step": rows[0]["step"], "last_step": rows[-1]["step"], **summary}
 
 
+def compare(works: list[str]) -> None:
+    """One row per finished benchmark: its objective and overrides, each task's trained score with the
+    trained / random ratio, the final-layer ranks (trained / random) and the targets met."""
+    rows = [["run", "objective", *TASKS, "ranks", "targets", "overrides"]]
+    for work in works:
+        results = read(os.path.join(work, "learning.json"))
+        if results is None:
+            sys.exit(f"{work}: no learning.json; run python bench/learning.py --work {work} first")
+        scores, ranks, overrides = results["scores"], results["effective_rank"], results["overrides"]
+        kinds = [o.split("=", 1)[1] for o in overrides if o.startswith("objective.kind=")]
+        cells = [f"{test(scores, t, 'trained'):.3f} ({ratio(test(scores, t, 'trained'), test(scores, t, 'random')):.2f}x)"
+                 for t in TASKS]
+        rank = ",".join(str(ranks[t]["trained"]) for t in TASKS) + " / " + ",".join(str(ranks[t]["random"]) for t in TASKS)
+        rows.append([os.path.basename(os.path.normpath(work)), (kinds or [results.get("objective", "mert")])[-1], *cells,
+                     rank, f"{sum(results['targets'].values())}/{len(results['targets'])}", " ".join(overrides)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]))
+    print("Trained test score (trained / random init); ranks: final-layer effective rank per task, trained / random.")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", help="default bench_out/learning (bench_out/learning-smoke with --smoke)")
@@ -269,6 +291,7 @@ def parse_args(argv=None):
     parser.add_argument("--name", help="run name (default: the config's file name)")
     parser.add_argument("--smoke", action="store_true", help="tiny preset, 1 minute, 20 steps, probe scale 0.1")
     parser.add_argument("--run", help="probe this finished run directory instead of training one (its config.yaml)")
+    parser.add_argument("--compare", nargs="+", metavar="WORK", help="print one table of finished benchmarks and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to pretrain.train")
     args = parser.parse_args(argv)
     defaults = SMOKE if args.smoke else {"config": "configs/small.yaml", "minutes": 30.0, "steps": None, "scale": 1.0}
@@ -288,6 +311,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.compare:
+        return compare(args.compare)
     os.chdir(ROOT)
     work, started = os.path.abspath(args.work), time.perf_counter()
     if args.run:

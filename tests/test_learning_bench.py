@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -29,3 +30,20 @@ def test_each_objective_makes_a_valid_run_of_the_preset(objective, preset):
 def test_runs_of_other_objectives_get_their_own_name():
     assert learning.parse_args(["--objective", "data2vec"]).name == "small-data2vec"
     assert learning.parse_args([]).name == "small"
+
+
+def test_compare_prints_one_row_per_finished_benchmark(tmp_path, capsys):
+    def result(trained: float, objective: str) -> dict:
+        scores = {task: {"trained": {"test": trained}, "random": {"test": 0.5}} for task in learning.TASKS}
+        ranks = {task: {"trained": 4, "random": 20} for task in learning.TASKS}
+        return {"scores": scores, "effective_rank": ranks, "overrides": [f"objective.kind={objective}"],
+                "targets": {"a": True, "b": False}}
+    for name, trained, objective in (("one", 0.6, "mert"), ("two", 0.25, "data2vec")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "learning.json").write_text(json.dumps(result(trained, objective)))
+    learning.main(["--compare", str(tmp_path / "one"), str(tmp_path / "two")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:4] == ["one", "mert", "0.600", "(1.20x)"] and "4,4,4 / 20,20,20" in lines[1]
+    assert lines[2].split()[:4] == ["two", "data2vec", "0.250", "(0.50x)"] and "1/2" in lines[2]
+    with pytest.raises(SystemExit, match="no learning.json"):
+        learning.main(["--compare", str(tmp_path)])
