@@ -6,10 +6,11 @@ unmasked. No offline teacher stage and no `data.labels`.
     loss, logs = objective(audio, lengths, {})    # logs: loss/data2vec, var/target, var/prediction
     objective.after_update(step, total_steps)      # after each optimizer update: the teacher follows
 
-As fairseq's data2vec_audio (examples/data2vec/models/data2vec_audio.py, base config), with the choices it makes
-by default: the teacher is an EMA of the blocks and of the norm before them only (`ema_layers_only`): it gets the
-student's projected conv features of the unmasked crop, and its positional conv is the student's own at each step;
-each target layer is instance-normalised over time (here over the crop's real frames) before the average; the loss
+As fairseq's data2vec_audio (examples/data2vec/models/data2vec_audio.py, base config), but for the teacher:
+by default (`data2vec_ema_all`) it is the EMA of the whole encoder, conv extractor included, and reads the clean
+audio (fairseq's ema_transformer_only=false); with `data2vec_ema_all=false` it is fairseq's default, an EMA of the
+blocks and of the norm before them only (`ema_layers_only`), fed the student's projected conv features of the
+unmasked crop, with the student's own positional conv (the README says why we differ). Each target layer is instance-normalised over time (here over the crop's real frames) before the average; the loss
 is the squared error summed over dimensions, scaled by 1 / sqrt(dim), averaged over masked frames; a linear
 `final_proj` maps the student's last layer to the target. The EMA decay goes linearly from `data2vec_ema_decay`
 to `data2vec_ema_end_decay` over `data2vec_ema_anneal_steps` updates (0: the run's train.steps, so a resume with more

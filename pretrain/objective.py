@@ -55,8 +55,9 @@ class ObjectiveConfig:
     data2vec_ema_decay: float = 0.999  # the teacher's EMA decay at step 0 ...
     data2vec_ema_end_decay: float = 0.9999  # ... growing linearly to this
     data2vec_ema_anneal_steps: int = 0  # ... over this many updates (0: train.steps)
-    data2vec_ema_all: bool = False  # true: the teacher is the EMA of the whole encoder, conv extractor included, and
-    #                                 sees the clean audio (fairseq's ema_transformer_only=false)
+    data2vec_ema_all: bool = True  # the teacher is the EMA of the whole encoder, conv extractor included, reading
+    # the clean audio (fairseq: ema_transformer_only=false). false: fairseq's default, an EMA of the blocks fed the
+    # student's conv features, which the student can then reshape to make its targets easy (README: data2vec)
 
 
 def span_mask(valid: torch.Tensor, total: int, prob: float, length: int, generator: torch.Generator | None = None) -> torch.Tensor:

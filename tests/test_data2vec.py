@@ -20,7 +20,8 @@ from test_model import TINY
 from test_train import final_weights, metrics, run, samples
 
 CFG = load_config("configs/tiny.yaml", ["objective.kind=data2vec", "data.labels=[]", "objective.data2vec_top_k=2",
-                                        "objective.cqt_weight=0", "objective.mixup_prob=0"]).objective
+                                        "objective.cqt_weight=0", "objective.mixup_prob=0",
+                                        "objective.data2vec_ema_all=false"]).objective  # fairseq's default
 
 
 def objective(seed: int = 0, cfg=CFG) -> Data2VecObjective:
@@ -36,7 +37,7 @@ def test_the_decay_anneals_linearly_then_stays():
     assert ema_decay(dataclasses.replace(cfg, data2vec_ema_anneal_steps=10), 10, 100) == 0.999
 
 
-def test_the_teacher_follows_the_student_blocks_only_and_stays_out_of_the_module_tree():
+def test_without_ema_all_the_teacher_follows_the_student_blocks_only_and_stays_out_of_the_module_tree():
     model = objective()
     before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())  # a copy at the start
@@ -95,9 +96,10 @@ def test_targets_are_instance_normalised_over_real_frames_and_padding_changes_no
     assert torch.allclose(alone_targets[0, :real], targets[1, :real], atol=1e-4)
 
 
-def test_a_tiny_model_learns_the_targets():
+@pytest.mark.parametrize("ema_all", [True, False])
+def test_a_tiny_model_learns_the_targets(ema_all):
     torch.manual_seed(0)
-    cfg = dataclasses.replace(CFG, data2vec_ema_decay=0.999, data2vec_ema_end_decay=0.999)
+    cfg = dataclasses.replace(CFG, data2vec_ema_decay=0.999, data2vec_ema_end_decay=0.999, data2vec_ema_all=ema_all)
     model = Data2VecObjective(cfg, Encoder(dataclasses.replace(TINY, dropout=0.0, attention_dropout=0.0)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     audio, lengths, losses = music(items=4), torch.full((4,), 48000), []
@@ -108,14 +110,15 @@ def test_a_tiny_model_learns_the_targets():
         optimizer.step()
         model.after_update(step + 1, 40)
         losses.append(logs["loss/data2vec"].item())
-    assert losses[-1] < 0.5 * losses[0], losses
-    assert logs["var/prediction"] > 0.1 and logs["var/target"] > 0.5  # learned, not collapsed onto a constant
+    assert losses[-1] < 0.65 * losses[0], losses  # a fixed teacher's (ema_all) targets fall slower: ~0.57 here
+    assert logs["var/prediction"] > 0.05 and logs["var/target"] > 0.5  # learned, not collapsed onto a constant
 
 
 def test_the_music2vec_preset_is_the_95m_encoder_on_data2vec_base_settings():
     cfg = load_config("configs/music2vec_95m.yaml", ["data.shards=/data/shards"])
     o = cfg.objective
     assert (o.kind, o.data2vec_top_k, o.mask_prob, o.mask_length, o.feature_penalty) == ("data2vec", 8, 0.65, 10, 0)
+    assert o.data2vec_ema_all  # our default, not fairseq's (README)
     assert (cfg.model.dim, cfg.model.layers, cfg.model.conv_norm, cfg.data.labels) == (768, 12, "layer", ())
 
 
