@@ -52,3 +52,16 @@ def read_json(path: str, what: str) -> Any:
         raise FileNotFoundError(f"{path}: missing {what}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); expected {what}. Delete it and re-run the stage that writes it.") from None
+
+
+def fingerprint(path: str) -> str:
+    """sha256 of what a model path holds: a checkpoint folder's manifest (complete.json lists every file's size
+    and crc32, so it changes with any of them), or a file's bytes."""
+    import hashlib
+
+    target = os.path.join(path, "complete.json") if os.path.isdir(path) else path
+    digest = hashlib.sha256()
+    with open(target, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -6,7 +6,9 @@
     LABELS/dump.json          the teacher and shard set this folder is being filled from (refuses a mix)
     LABELS/teacher.json       the manifest, written when every shard is done: teacher name, config
                               hash, frame rate, codebooks, cardinality, the shards' content hash and
-                              the code histogram over all shards (its entropy: `label_entropy`)
+                              the code histogram over all shards (its entropy: `label_entropy`), and
+                              the models they were made from with their fingerprints (`sources`:
+                              an encoder layer's k-means; the loader refuses the labels if one changed)
 
 Frame f of a sample's codes covers samples [320 f, 320 f + 320) of its
 segment; a segment of N samples has N // 320 frames.
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from data.audio import FRAME_RATE, FRAME_SAMPLES
-from data.files import atomic_write_bytes, atomic_write_json, read_json
+from data.files import atomic_write_bytes, atomic_write_json, fingerprint, read_json
 
 LABELS_FORMAT = "musicpt-labels/1"
 MANIFEST_NAME = "teacher.json"
@@ -116,6 +118,11 @@ def check_labels(labels_dir: str, index: dict, shard_dir: str, config_hash: str 
     if config_hash is not None and manifest["config_hash"] != config_hash:
         raise ValueError(f"{path}: teacher {name} has config hash {manifest['config_hash'][:12]}, the training "
                          f"config expects {config_hash[:12]}; point the config at the right labels or re-run the dump.")
+    for source in manifest.get("sources", []):  # a model the labels were made from (an encoder layer's k-means)
+        if os.path.exists(source["path"]) and fingerprint(source["path"]) != source["fingerprint"]:
+            raise ValueError(f"{path}: teacher {name} was made from {source['path']}, which has changed since "
+                             "(another checkpoint under that path): its labels no longer match it. Re-run the fit and "
+                             "dump into new folders, or restore that checkpoint.")
     for shard in index["shards"]:
         listed = manifest["shards"].get(shard["name"])
         sidecar = sidecar_path(labels_dir, shard["name"])

@@ -3,10 +3,13 @@
     streams:
       - name: layer6
         k: 500
-        features: {kind: encoder, encoder: runs/mert_95m, layer: 6}
+        features: {kind: encoder, ckpt: runs/mert_95m, layer: 6}
 
-`encoder` is a run directory (its newest complete checkpoint), one checkpoint folder, or a file written by
-`python -m pretrain.export`; `layer` 0 is the input of the first block (the projected conv features, with the
+`ckpt` is a run directory (its newest complete checkpoint), one checkpoint folder, or a file written by
+`python -m pretrain.export`. The fit pins it (`EncoderFeatureConfig.pinned`): a run directory becomes the
+checkpoint folder it had then, recorded with its fingerprint (data.files.fingerprint), so the dump uses the
+same weights or refuses, and the labels' manifest lists it under `sources`, so the loader refuses the labels
+once that checkpoint has changed. `layer` 0 is the input of the first block (the projected conv features, with the
 positional conv and norm: pretrain.extract's "embedding"), layer i the output of block i. The encoder runs frozen,
 in fp32, in eval mode (no dropout, no layerdrop, no mask) on the whole segment.
 
@@ -17,12 +20,14 @@ N // 320 frames like every other feature kind (teachers/features.py).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from data.audio import FRAME_SAMPLES
+from data.files import fingerprint
 
 
 @functools.lru_cache(maxsize=4)
@@ -32,31 +37,48 @@ def _encoder(path: str):
     try:
         encoder, _ = load_any(path)
     except (FileNotFoundError, ValueError) as error:
-        raise ValueError(f"features kind encoder: encoder={path!r} is not a run directory, checkpoint folder or "
+        raise ValueError(f"features kind encoder: ckpt={path!r} is not a run directory, checkpoint folder or "
                          f"exported encoder ({error}); train one with python -m pretrain.train, or export one with "
                          "python -m pretrain.export") from None
     return encoder.eval().requires_grad_(False)
 
 
+def resolved(path: str) -> str:
+    """A run directory's newest complete checkpoint folder; a checkpoint folder or an export file as it is."""
+    from pretrain.export import checkpoint_folder
+
+    return path if os.path.isfile(path) else checkpoint_folder(path)
+
+
 @dataclass(frozen=True)
 class EncoderFeatureConfig:
     kind: str = "encoder"
-    encoder: str = ""  # run directory, checkpoint folder or exported encoder file
+    ckpt: str = ""  # run directory, checkpoint folder or exported encoder file
     layer: int = 0  # 0: the first block's input ("embedding"); i: block i's output
+    fingerprint: str = ""  # data.files.fingerprint of the ckpt, set by `pinned()` (the fit records it); "": unchecked
 
     def __post_init__(self) -> None:
         if self.kind != "encoder":
             raise ValueError(f"EncoderFeatureConfig is for kind 'encoder', got {self.kind!r}")
-        if not self.encoder:
-            raise ValueError("features kind encoder needs encoder=RUN_DIR (or a checkpoint or an exported encoder)")
-        layers = _encoder(self.encoder).cfg.layers
+        if not self.ckpt:
+            raise ValueError("features kind encoder needs ckpt=RUN_DIR (or a checkpoint folder or an exported encoder)")
+        layers = _encoder(self.ckpt).cfg.layers
         if not 0 <= self.layer <= layers:
-            raise ValueError(f"features kind encoder: layer={self.layer}, but {self.encoder} has layers 0 (embedding) "
+            raise ValueError(f"features kind encoder: layer={self.layer}, but {self.ckpt} has layers 0 (embedding) "
                              f"to {layers}")
+        if self.fingerprint and fingerprint(self.ckpt) != self.fingerprint:
+            raise ValueError(f"features kind encoder: {self.ckpt} has changed since the k-means fit that used it; fit "
+                             "again into a new `out` (and dump into a new labels folder), or restore that checkpoint")
+
+    def pinned(self) -> "EncoderFeatureConfig":
+        """The same features tied to one checkpoint: a run directory becomes its newest checkpoint folder (a run
+        that goes on training does not change them), with that checkpoint's fingerprint."""
+        path = os.path.abspath(resolved(self.ckpt))
+        return replace(self, ckpt=path, fingerprint=self.fingerprint or fingerprint(path))
 
     @property
     def dim(self) -> int:
-        return _encoder(self.encoder).cfg.dim
+        return _encoder(self.ckpt).cfg.dim
 
 
 class EncoderFeatures(torch.nn.Module):
@@ -64,7 +86,7 @@ class EncoderFeatures(torch.nn.Module):
 
     def __init__(self, cfg: EncoderFeatureConfig):
         super().__init__()
-        self.cfg, self.encoder = cfg, _encoder(cfg.encoder)
+        self.cfg, self.encoder = cfg, _encoder(cfg.ckpt)
 
     @torch.no_grad()
     def forward(self, audio: Tensor) -> Tensor:

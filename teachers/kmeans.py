@@ -79,7 +79,7 @@ def load_config(path: str, overrides: list[str] = ()) -> KMeansConfig:
     """YAML over the schema's defaults, `key=value` overrides over the YAML; errors name the file and key."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(KMeansConfig), OmegaConf.load(path))
-        for item in overrides:  # one by one, so that a key may index a list: streams.0.features.encoder=RUN
+        for item in overrides:  # one by one, so that a key may index a list: streams.0.features.ckpt=RUN
             key, _, raw = item.partition("=")
             OmegaConf.update(merged, key, OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"])
         cfg: KMeansConfig = OmegaConf.to_object(merged)
@@ -99,8 +99,10 @@ def feature_config(stream: StreamSpec, source: str = "config") -> FeatureConfig 
     (teachers/encoder_features.py: HuBERT's second iteration)."""
     features = dict(stream.features)
     try:
-        return EncoderFeatureConfig(**features) if features.get("kind") == "encoder" else FeatureConfig(**features)
-    except (TypeError, ValueError) as e:
+        if features.get("kind") == "encoder":
+            return EncoderFeatureConfig(**features).pinned()  # one checkpoint, fingerprinted
+        return FeatureConfig(**features)
+    except (TypeError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"{source}: stream {stream.name}: bad features {features} ({e})") from None
 
 
@@ -254,8 +256,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"model    {cfg.out} ({record['seconds']:.1f} s)", file=sys.stderr)
         return
     make_teacher = functools.partial(KMeansTeacher, cfg.out, cfg.device)
+    streams = read_json(os.path.join(cfg.out, "kmeans.json"), "a k-means fit record (run `teachers.kmeans fit`)")
+    sources = [{"path": s["features"]["ckpt"], "fingerprint": s["features"]["fingerprint"]}
+               for s in streams["settings"]["streams"] if s["features"].get("kind") == "encoder"]
     report = dump(make_teacher, cfg.shards, cfg.labels_dir, args.workers or cfg.workers, args.rank, args.world,
-                  extra={"model": os.path.abspath(cfg.out)})
+                  extra={"model": os.path.abspath(cfg.out), **({"sources": sources} if sources else {})})
     print(format_report(report), file=sys.stderr)
 
 
