@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
+import subprocess
 import sys
 
 import pytest
@@ -14,10 +16,11 @@ import torch
 from pretrain.checkpoint import parts_of, rank_file
 from pretrain.config import ConfigError, load_config
 from pretrain.data2vec import Data2VecObjective, ema_decay
+from pretrain.export import load_encoder
 from pretrain.model import Encoder
 from test_bestrq import music
 from test_model import TINY
-from test_train import final_weights, metrics, run, samples
+from test_train import ENV, ROOT, command, final_weights, kill_tree, metrics, run, samples, wait_for_step
 
 CFG = load_config("configs/tiny.yaml", ["objective.kind=data2vec", "data.labels=[]", "objective.data2vec_top_k=2",
                                         "objective.cqt_weight=0", "objective.mixup_prob=0",
@@ -170,3 +173,40 @@ def test_data2vec_run_without_labels_resumes_exactly_with_its_teacher(train_data
     assert ta.keys() == tb.keys() and all(torch.allclose(ta[k], tb[k], rtol=0, atol=1e-6) for k in ta)
     assert not torch.equal(ta["blocks.0.ffn.0.weight"], teacher_weights(straight, 3)["blocks.0.ffn.0.weight"])
     assert samples(straight, 0) == samples(resumed, 0)
+    out = tmp_path / "encoder.pt"  # the export holds the student encoder only
+    run([sys.executable, "-m", "pretrain.export", "--ckpt", str(resumed), "--out", str(out)])
+    encoder = load_encoder(str(out))
+    assert all(torch.equal(wb[f"encoder.{k}"], v) for k, v in encoder.state_dict().items())
+    assert not torch.equal(encoder.state_dict()["blocks.0.ffn.0.weight"], tb["blocks.0.ffn.0.weight"])
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_two_process_data2vec_run_then_resume_matches_the_uninterrupted_one(train_data, tmp_path):
+    """The teacher is the state a kill can lose that no other objective has: after a SIGKILL at a random step the
+    resumed run ends with the straight run's losses, student and teacher."""
+    steps = 8
+    extra = ("objective.kind=data2vec", "data.labels=[]", "objective.data2vec_top_k=2", "objective.data2vec_ema_decay=0.9",
+             "objective.data2vec_ema_end_decay=0.99", f"objective.data2vec_ema_anneal_steps={steps}",
+             f"train.steps={steps}", "train.save_every=2", "train.log_samples=true")
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run(command(train_data, straight, *extra, procs=2))
+    kill_at = random.Random().randint(3, 6)
+    process = subprocess.Popen(command(train_data, interrupted, *extra, procs=2), cwd=ROOT, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(interrupted, kill_at, process)
+    finally:
+        kill_tree(process.pid)
+        process.wait()
+    resumed = run(command(train_data, interrupted, *extra, procs=2))
+    assert "resumed from" in resumed.stderr, f"killed at step {kill_at}"
+    a, b = metrics(straight), metrics(interrupted)
+    assert [r["step"] for r in b if "loss" in r] == list(range(1, steps + 1))
+    assert all(abs(x[k] - y[k]) <= 1e-5 for x, y in zip(a, b) for k in x if "loss" in k), kill_at
+    wa, wb = final_weights(straight, steps), final_weights(interrupted, steps)
+    assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa), kill_at
+    for rank in (0, 1):
+        ta, tb = (parts_of(torch.load(os.path.join(d, "checkpoints", f"step-{steps:08d}", rank_file(rank)),
+                                      weights_only=True))["teacher"] for d in (straight, interrupted))
+        assert all(torch.allclose(ta[k], tb[k], rtol=0, atol=1e-6) for k in ta), kill_at
+        assert samples(straight, rank) == samples(interrupted, rank)
