@@ -74,3 +74,20 @@ def test_a_run_starts_from_the_source_and_resumes_without_it(exported, train_dat
     os.remove(exported)  # a resume takes its checkpoint's weights and no longer needs the source
     resumed = run([*command, "train.steps=2", f"train.init_from={exported}"])
     assert "resumed from" in resumed.stderr and "initialised from" not in resumed.stderr
+
+
+def test_a_randomly_initialised_transformers_hubert_folder_warm_starts_an_equal_encoder(tmp_path):
+    """The released MERT-style checkpoints are HuBERT-shaped: a HubertModel saved by transformers (random init here,
+    no download) loads into our encoder, whose hidden states then equal the model's."""
+    transformers = pytest.importorskip("transformers")
+    from pretrain.export_hf import hubert_config
+    from test_export_hf import TOLERANCE, differences
+
+    settings = {k: v for k, v in hubert_config(TINY).items() if k not in ("architectures", "model_type")}
+    torch.manual_seed(5)
+    model = transformers.HubertModel(transformers.HubertConfig(**settings)).eval()
+    model.save_pretrained(str(tmp_path / "hubert"))
+    encoder = Encoder(TINY)
+    encoder.load_state_dict(initial_weights(str(tmp_path / "hubert"), encoder))
+    audio = 0.3 * torch.randn(2, 16000)
+    assert max(differences(encoder.eval(), model, audio)) < TOLERANCE
