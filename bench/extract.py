@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from pretrain.extract import ExtractConfig, extract, layers_source  # noqa: E402
-from pretrain.probe import compare, probe  # noqa: E402
+from pretrain.downstream.extract import ExtractConfig, extract, layers_source  # noqa: E402
+from pretrain.downstream.probe import compare, probe  # noqa: E402
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ budget, enforced with SIGALRM, that keeps the whole run under 8 minutes on a GPU
            path today (decode + encode per segment, bench/labels.py) and of batched encodes at a few batch sizes
   kmeans   the log-mel+chroma k-means teacher (features + nearest centroid) on the device: real-time factor of the
            dump path and of encoding device-resident audio
-  extract  pretrain.extract over the demo corpus with a random-init encoder: clips per second, patchout 1, 2 and 4
+  extract  pretrain.downstream.extract over the demo corpus with a random-init encoder: clips per second, patchout 1, 2 and 4
 The corpus, shards and teacher (bench/learning.py's prepare_training) are cached in OUT/data, so a rerun skips them.
 Everything goes to OUT/gpu.json (rewritten after every section); one table is printed at the end.
 """
@@ -50,7 +50,7 @@ from data.audio import SAMPLE_RATE  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.engine import device_for_rank, graph_breaks, init_distributed  # noqa: E402
 from pretrain.model import Encoder, training_flops  # noqa: E402
-from pretrain.objective import Objective  # noqa: E402
+from pretrain.objectives.mert import Objective  # noqa: E402
 from pretrain.train import datasheet_flops  # noqa: E402
 
 ENCODEC = {"encodec": [1024] * 8}  # the presets' teacher: 8 EnCodec codebooks x 1024
@@ -361,7 +361,7 @@ def section_kmeans(ctx: dict, record: dict) -> None:
 
 
 def section_extract(ctx: dict, record: dict) -> None:
-    from pretrain.extract import EncoderLayers, ExtractConfig, extract
+    from pretrain.downstream.extract import EncoderLayers, ExtractConfig, extract
 
     plan, data, device = ctx["plan"], prepared(ctx), ctx["device"]
     cfg = load_config(plan["extract_preset"], ["data.shards=unused", "data.labels=[unused]"])

@@ -150,7 +150,7 @@ def extract_all(work: str, run_dir: str) -> dict[str, dict[str, str]]:
             if saved is not None and saved != marker:
                 shutil.rmtree(out)  # made from another checkpoint or with other settings: redo (unfinished: resume)
             run_stage(f"extract {task}/{name}", saved == marker,
-                      [py("pretrain.extract", *source, "--input", audio, "--out", out, "--window-seconds", str(window))],
+                      [py("pretrain.downstream.extract", *source, "--input", audio, "--out", out, "--window-seconds", str(window))],
                       work)
             with open(os.path.join(out, "bench.json"), "w") as file:
                 json.dump(marker, file)
@@ -160,7 +160,7 @@ def extract_all(work: str, run_dir: str) -> dict[str, dict[str, str]]:
 
 def best_by_validation(rows: list[dict]) -> dict:
     """Among every single-layer probe and the weighted sum, the one with the best validation score."""
-    from pretrain.probe import rank
+    from pretrain.downstream.probe import rank
 
     best = max(rows, key=rank)
     return {"layer": best["layer"], "valid": best["valid"], "test": best["test"], "metric": best["metric"],
@@ -170,8 +170,8 @@ def best_by_validation(rows: list[dict]) -> dict:
 def probe_all(work: str, folders: dict) -> dict:
     import torch
 
-    from pretrain.probe import probe
-    from pretrain.probe_data import load_task
+    from pretrain.downstream.probe import probe
+    from pretrain.downstream.probe_data import load_task
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scores = {}
@@ -197,7 +197,7 @@ def clip_rank(folder: str) -> int:
     (pretrain.validate.effective_rank, the training-time collapse signal)."""
     import torch
 
-    from pretrain.probe_data import load_features
+    from pretrain.downstream.probe_data import load_features
     from pretrain.validate import effective_rank
 
     return effective_rank(torch.from_numpy(load_features(folder).x[:, -1]))

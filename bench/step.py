@@ -23,7 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 import torchaudio  # noqa: E402
 
 from pretrain.model import Encoder, EncoderConfig  # noqa: E402
-from pretrain.objective import Objective, ObjectiveConfig  # noqa: E402
+from pretrain.objectives.mert import Objective, ObjectiveConfig  # noqa: E402
 
 
 def ours(batch: int, frames: int):

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.engine import build_engine, device_for_rank, init_distributed, lr_factor  # noqa: E402
 from pretrain.model import Encoder, training_flops  # noqa: E402
-from pretrain.objective import Objective  # noqa: E402
+from pretrain.objectives.mert import Objective  # noqa: E402
 from pretrain.train import datasheet_flops  # noqa: E402
 
 SIZES = {"km": [300, 200]}  # the log-mel + chroma k-means teacher's codebooks

@@ -3,7 +3,7 @@
     python -m data.demo --probe --out DIR [--seed 0] [--scale 1.0] [--workers N]
 
 Three tasks, each a folder ``DIR/TASK`` with ``audio/TASK_NNNN.wav`` (24 kHz
-mono 16-bit) and ``labels.jsonl`` (``file`` as ``pretrain.extract --input
+mono 16-bit) and ``labels.jsonl`` (``file`` as ``pretrain.downstream.extract --input
 DIR/TASK`` names the clip, the label, ``split``, the ``timbre`` ids):
 
 * ``pitch``: single ~1.5 s notes, MIDI 36-96 (61 classes), each played by a
@@ -536,7 +536,7 @@ PLANNERS = {"pitch": plan_pitch, "instrument": plan_instrument, "key": plan_key}
 
 
 def clip_file(task: str, index: int) -> str:
-    """The clip's path relative to DIR/TASK: what pretrain.extract --input DIR/TASK calls it ("clip")."""
+    """The clip's path relative to DIR/TASK: what pretrain.downstream.extract --input DIR/TASK calls it ("clip")."""
     return f"audio/{task}_{index:04d}.wav"
 
 

@@ -18,9 +18,9 @@ from omegaconf.errors import OmegaConfBaseException
 from data.audio import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
 from data.stream import StreamConfig
 from pretrain.model import EncoderConfig
-from pretrain.objective import ObjectiveConfig
+from pretrain.objectives.mert import ObjectiveConfig
 
-OBJECTIVE_KINDS = ("mert", "bestrq", "data2vec")  # pretrain/train.py's OBJECTIVES: name -> class
+OBJECTIVE_KINDS = ("mert", "bestrq", "data2vec")  # pretrain/objectives' OBJECTIVES: name -> class
 SELF_TARGETED = ("bestrq", "data2vec")  # kinds that make their targets in the step: no data.labels
 
 

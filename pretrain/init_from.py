@@ -7,7 +7,7 @@ A warm start, as MERT and MusicHuBERT runs often begin from HuBERT. Only the enc
 heads, the optimizer and the schedule start fresh. A resumed run ignores it (its checkpoint holds the weights).
 Every weight of the encoder must be found with the shape the run's model.* settings give it: a missing or
 misshapen tensor is an error that names it (the usual cause: other model.* settings than the source's).
-A Hugging Face folder is read with the names `pretrain/export_hf.py` writes (the inverse of its RENAMES; q_proj,
+A Hugging Face folder is read with the names `pretrain/downstream/export_hf.py` writes (the inverse of its RENAMES; q_proj,
 k_proj and v_proj fused into our qkv), with or without a `hubert.` prefix (HubertForCTC and friends).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import re
 import torch
 
 from pretrain.export import load_any
-from pretrain.export_hf import QKV, RENAMES
+from pretrain.downstream.export_hf import QKV, RENAMES
 from pretrain.model import Encoder
 
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -34,7 +34,7 @@ def hubert_name(name: str) -> str | list[str]:
     for pattern, new in RENAMES:
         if re.fullmatch(pattern, name):
             return re.sub(pattern, new, name)
-    raise ValueError(f"{name}: no HuBERT counterpart (update RENAMES in pretrain/export_hf.py)")
+    raise ValueError(f"{name}: no HuBERT counterpart (update RENAMES in pretrain/downstream/export_hf.py)")
 
 
 def read_hf_folder(folder: str) -> dict[str, torch.Tensor]:

@@ -36,15 +36,13 @@ from pretrain.config import ConfigError, RunConfig, load_config, to_yaml
 from pretrain.engine import build_engine, device_for_rank, init_distributed, loss_scale
 from pretrain.metrics import Interval, Metrics, console_line, truncate_jsonl
 from pretrain.model import Encoder, training_flops
-from pretrain.bestrq import BestRQObjective
-from pretrain.data2vec import Data2VecObjective, TeacherState
 from pretrain.init_from import initial_weights
-from pretrain.objective import Objective
+from pretrain.objectives import OBJECTIVES
+from pretrain.objectives.data2vec import TeacherState
 from pretrain.resume_check import check_resumable
 from pretrain.step import Progress, TrainingError, TrainStep, seed_of
 from pretrain.validate import Validator
 
-OBJECTIVES = {"mert": Objective, "bestrq": BestRQObjective, "data2vec": Data2VecObjective}  # objective.kind -> class(cfg, encoder, codebook_sizes)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
@@ -111,7 +109,7 @@ class Trainer:
         self.progress = Progress()
         parts = {"trainer": self.progress, "rng": RNGStates(self.generator, device),
                  "loader": StreamState(self.loader, cfg.train.force_resume)}
-        if cfg.objective.kind == "data2vec":  # the EMA teacher, outside DeepSpeed's module (pretrain/data2vec.py)
+        if cfg.objective.kind == "data2vec":  # the EMA teacher, outside DeepSpeed's module (pretrain/objectives/data2vec.py)
             parts["teacher"] = TeacherState(lambda: self.engine.module)
         self.checkpointer = Checkpointer(self.run_dir, rank, world, cfg.train.keep, parts)
         self.resume()  # refuses (CheckpointError) before anything on disk changes

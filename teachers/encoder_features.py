@@ -10,7 +10,7 @@
 checkpoint folder it had then, recorded with its fingerprint (data.files.fingerprint), so the dump uses the
 same weights or refuses, and the labels' manifest lists it under `sources`, so the loader refuses the labels
 once that checkpoint has changed. `layer` 0 is the input of the first block (the projected conv features, with the
-positional conv and norm: pretrain.extract's "embedding"), layer i the output of block i. The encoder runs frozen,
+positional conv and norm: pretrain.downstream.extract's "embedding"), layer i the output of block i. The encoder runs frozen,
 in fp32, in eval mode (no dropout, no layerdrop, no mask) on the whole segment.
 
 Frames: encoder frame t sees samples [320 t, 320 t + 400), so it is label frame t; the conv stack gives one or two
@@ -104,7 +104,7 @@ class EncoderFeatures(torch.nn.Module):
         finally:
             hook.remove()
         layer, last = self.cfg.layer, self.encoder.cfg.layers
-        # as pretrain.extract's layers: the last is the encoder's output (Pre-LN: after its final norm)
+        # as pretrain.downstream.extract's layers: the last is the encoder's output (Pre-LN: after its final norm)
         x = captured[0] if layer == 0 else out["x"] if layer == last else out["layers"][layer - 1]
         missing = frames - x.shape[1]
         if missing > 0:

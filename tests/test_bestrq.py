@@ -1,4 +1,4 @@
-"""BEST-RQ targets (pretrain/bestrq.py): deterministic from the seed, the same for every Objective built (every rank),
+"""BEST-RQ targets (pretrain/objectives/bestrq.py): deterministic from the seed, the same for every Objective built (every rank),
 outside the module tree, local to the audio they describe; a tiny model learns them; an end-to-end run with
 objective.kind=bestrq and no data.labels trains, checkpoints and resumes exactly."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data.audio import FRAME_SAMPLES
-from pretrain.bestrq import BestRQObjective, RandomProjectionQuantizer, normalise
+from pretrain.objectives.bestrq import BestRQObjective, RandomProjectionQuantizer, normalise
 from pretrain.config import load_config
 from pretrain.export import load_encoder
 from pretrain.model import Encoder

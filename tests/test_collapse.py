@@ -13,7 +13,7 @@ from data.stream import AudioLoader
 from pretrain.config import load_config
 from pretrain.engine import lr_factor
 from pretrain.model import Encoder, EncoderConfig
-from pretrain.objective import Objective, feature_penalty
+from pretrain.objectives.mert import Objective, feature_penalty
 
 MERT_CONVS = EncoderConfig().conv_layers  # the real 512-channel stack, GroupNorm on the first conv only
 

@@ -78,6 +78,6 @@ def test_bad_bestrq_settings_name_the_key(overrides, words):
 
 def test_every_objective_kind_has_a_class():
     from pretrain.config import OBJECTIVE_KINDS
-    from pretrain.train import OBJECTIVES
+    from pretrain.objectives import OBJECTIVES
 
     assert tuple(OBJECTIVES) == OBJECTIVE_KINDS

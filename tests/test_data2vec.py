@@ -1,4 +1,4 @@
-"""data2vec / Music2Vec (pretrain/data2vec.py): the EMA teacher follows the student by the annealed decay, is fp32
+"""data2vec / Music2Vec (pretrain/objectives/data2vec.py): the EMA teacher follows the student by the annealed decay, is fp32
 and outside the module tree, gives instance-normalised targets that padding does not change; a tiny model learns
 them; an end-to-end run with objective.kind=data2vec and no data.labels trains, checkpoints (with its teacher) and
 resumes exactly."""
@@ -15,7 +15,7 @@ import torch
 
 from pretrain.checkpoint import parts_of, rank_file
 from pretrain.config import ConfigError, load_config
-from pretrain.data2vec import Data2VecObjective, ema_decay
+from pretrain.objectives.data2vec import Data2VecObjective, ema_decay
 from pretrain.export import load_encoder
 from pretrain.model import Encoder
 from test_bestrq import music

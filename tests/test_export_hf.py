@@ -16,7 +16,7 @@ from data.stream import StreamConfig  # noqa: E402
 from pretrain.checkpoint import seal, write_module_weights  # noqa: E402
 from pretrain.config import RunConfig, TrainConfig, to_yaml  # noqa: E402
 from pretrain.export import FORMAT as PT_FORMAT  # noqa: E402
-from pretrain.export_hf import MARKER, export_hf, main  # noqa: E402
+from pretrain.downstream.export_hf import MARKER, export_hf, main  # noqa: E402
 from pretrain.model import Encoder, EncoderConfig  # noqa: E402
 
 CONV = ((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2  # the real stride-320 stack, small channels

@@ -11,8 +11,8 @@ import torch
 from conftest import tone, write
 from data.audio import SAMPLE_RATE
 from pretrain.config import load_config
-from pretrain.extract import example_name
-from pretrain.extract import main as extract_main
+from pretrain.downstream.extract import example_name
+from pretrain.downstream.extract import main as extract_main
 from pretrain.model import Encoder, conv_frames
 
 

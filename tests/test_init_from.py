@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pretrain.export import FORMAT
-from pretrain.export_hf import export_hf
+from pretrain.downstream.export_hf import export_hf
 from pretrain.init_from import initial_weights
 from pretrain.model import Encoder
 from test_model import TINY
@@ -80,7 +80,7 @@ def test_a_randomly_initialised_transformers_hubert_folder_warm_starts_an_equal_
     """The released MERT-style checkpoints are HuBERT-shaped: a HubertModel saved by transformers (random init here,
     no download) loads into our encoder, whose hidden states then equal the model's."""
     transformers = pytest.importorskip("transformers")
-    from pretrain.export_hf import hubert_config
+    from pretrain.downstream.export_hf import hubert_config
     from test_export_hf import TOLERANCE, differences
 
     settings = {k: v for k, v in hubert_config(TINY).items() if k not in ("architectures", "model_type")}

@@ -49,7 +49,7 @@ def test_features_are_the_encoders_layer_at_the_label_rate(exported, layer):
     with torch.no_grad():
         out = encoder(audio, all_layers=True)
     hook.remove()
-    expected = [captured[0], *out["layers"][:-1], out["x"]][layer]  # pretrain.extract's layers
+    expected = [captured[0], *out["layers"][:-1], out["x"]][layer]  # pretrain.downstream.extract's layers
     real = expected.shape[1]
     assert real < frames and torch.equal(features[:, :real], expected)
     assert torch.equal(features[:, real:], expected[:, -1:].expand(-1, frames - real, -1))  # last frame repeated

@@ -6,7 +6,7 @@ import dataclasses
 import torch
 
 from pretrain.model import Encoder, conv_frames
-from pretrain.objective import Objective, ObjectiveConfig, noise_mixup, span_mask
+from pretrain.objectives.mert import Objective, ObjectiveConfig, noise_mixup, span_mask
 from test_model import TINY
 
 SIZES = {"km": [7, 5]}

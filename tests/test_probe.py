@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from data import demo
-from pretrain import probe as P
-from pretrain import probe_data as D
-from pretrain import probe_metrics as M
+from pretrain.downstream import probe as P
+from pretrain.downstream import probe_data as D
+from pretrain.downstream import probe_metrics as M
 
 KEYS = M.KEY_NAMES
 TAGS = ("bass", "drums", "organ", "pluck", "strings")
@@ -329,7 +329,7 @@ def error_case(tmp_path, case: str):
 
 
 @pytest.mark.parametrize("case, words", [
-    ("no features folder", r"nowhere: no such folder; make one with python -m pretrain\.extract"),
+    ("no features folder", r"nowhere: no such folder; make one with python -m pretrain\.downstream\.extract"),
     ("no info.json", r"info\.json: missing the features description"),
     ("no npy", r"0003_0\.npy \(index\.jsonl:4\): cannot read"),
     ("non-finite features", r"0003_0\.npy: clip audio/clip_0003\.wav has non-finite features .*Re-extract"),

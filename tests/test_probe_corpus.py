@@ -1,5 +1,5 @@
 """The probe corpus (python -m data.demo --probe): every class in every split, timbres held out, deterministic,
-named as pretrain.extract names clips, readable by pretrain.probe, and audibly what its labels say."""
+named as pretrain.downstream.extract names clips, readable by pretrain.downstream.probe, and audibly what its labels say."""
 from __future__ import annotations
 
 import json
@@ -12,9 +12,9 @@ import soundfile as sf
 
 from data import demo
 from data import probe_corpus as pc
-from pretrain.extract import clips
-from pretrain.probe_data import load_task, match_clips, read_labels
-from pretrain.probe_metrics import KEY_NAMES, key_index
+from pretrain.downstream.extract import clips
+from pretrain.downstream.probe_data import load_task, match_clips, read_labels
+from pretrain.downstream.probe_metrics import KEY_NAMES, key_index
 
 SCALE = 0.1  # the smallest corpus: 3 clips per class, one round of each split
 LABEL_FIELDS = {"pitch": "pitch", "instrument": "family", "key": "key"}

@@ -19,7 +19,7 @@ from pretrain.config import ConfigError, load_config, to_yaml
 from pretrain.engine import deepspeed_config
 from pretrain.metrics import Interval
 from pretrain.model import Encoder
-from pretrain.objective import Objective
+from pretrain.objectives.mert import Objective
 from pretrain.resume_check import FREE_TO_CHANGE, check_resumable, flatten
 
 

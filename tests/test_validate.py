@@ -11,7 +11,7 @@ import torch
 
 from pretrain.config import ConfigError, load_config
 from pretrain.model import Encoder, EncoderConfig
-from pretrain.objective import Objective, ObjectiveConfig
+from pretrain.objectives.mert import Objective, ObjectiveConfig
 from pretrain.validate import collapse_stats, collapse_warning, effective_rank, evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

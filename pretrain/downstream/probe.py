@@ -1,6 +1,6 @@
-"""Probing frozen features with MARBLE's constrained protocol: `python -m pretrain.probe --features DIR --task TASK.yaml`.
+"""Probing frozen features with MARBLE's constrained protocol: `python -m pretrain.downstream.probe --features DIR --task TASK.yaml`.
 
-Reads a features folder written by `python -m pretrain.extract` (info.json,
+Reads a features folder written by `python -m pretrain.downstream.extract` (info.json,
 index.jsonl, one float32 [layers, dim] .npy per example) and a task file
 (configs/probe/*.yaml) naming a labels file with one JSON row per clip, and
 trains small probes on the frozen features:
@@ -29,8 +29,8 @@ them all in one go, and probes that stop early leave the batch. Each probe draws
 its initial weights and dropout masks from its own seed, (seed, layer, lr), so a
 probe's result does not depend on which other layers or learning rates ran with it.
 
-    python -m pretrain.probe --features demo_out/features/tiny --task configs/probe/demo_key.yaml
-    python -m pretrain.probe --features F --task T.yaml --layers 0,6,12 --lrs 1e-4,1e-3 labels=other/labels.jsonl
+    python -m pretrain.downstream.probe --features demo_out/features/tiny --task configs/probe/demo_key.yaml
+    python -m pretrain.downstream.probe --features F --task T.yaml --layers 0,6,12 --lrs 1e-4,1e-3 labels=other/labels.jsonl
 
 Writes OUT/results.csv (the chosen probe per layer and the weighted sum), OUT/grid.csv
 (every layer and learning rate), OUT/summary.json and OUT/scores_by_layer.png;
@@ -57,9 +57,9 @@ import torch
 from data.files import atomic_write_bytes, atomic_write_json
 from data.logs import setup_logging
 # ProbeError, ProbeSettings and load_task are also this module's interface: code imports them from here
-from pretrain.probe_data import (SPLITS, Features, ProbeData, ProbeSettings, TaskConfig, as_task, load_features,
+from pretrain.downstream.probe_data import (SPLITS, Features, ProbeData, ProbeSettings, TaskConfig, as_task, load_features,
                                  load_task, prepare)
-from pretrain.probe_metrics import TASK_TYPES, ProbeError, TaskType
+from pretrain.downstream.probe_metrics import TASK_TYPES, ProbeError, TaskType
 
 WEIGHTED_SUM = "weighted_sum"
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
@@ -484,7 +484,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = ProbeSettings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Trailing key=value pairs "
                                      "override the task file, e.g. labels=other/labels.jsonl")
-    parser.add_argument("--features", required=True, help="a folder written by python -m pretrain.extract")
+    parser.add_argument("--features", required=True, help="a folder written by python -m pretrain.downstream.extract")
     parser.add_argument("--task", required=True, help="a task file, e.g. configs/probe/demo_key.yaml")
     parser.add_argument("--out", help="default: FEATURES/probe-TASKNAME")
     parser.add_argument("--seed", type=int, default=defaults.seed)

@@ -1,4 +1,4 @@
-"""Embeddings for downstream tasks: `python -m pretrain.extract --ckpt RUN_OR_FILE --input AUDIO_OR_SHARDS --out DIR`.
+"""Embeddings for downstream tasks: `python -m pretrain.downstream.extract --ckpt RUN_OR_FILE --input AUDIO_OR_SHARDS --out DIR`.
 
 Each clip (an audio file, or a sample of a shard folder) is cut into windows
 of `--window-seconds` (default: the run's training crop) every

@@ -25,8 +25,8 @@ from pretrain.model import Encoder
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    kind: str = "mert"  # "mert": this module (offline teacher codes from data.labels); "bestrq": pretrain/bestrq.py;
-    # "data2vec": pretrain/data2vec.py
+    kind: str = "mert"  # "mert": this module (offline teacher codes from data.labels); "bestrq": pretrain/objectives/bestrq.py;
+    # "data2vec": pretrain/objectives/data2vec.py
     mask_prob: float = 0.8  # span-start rate (HuBERT semantics: spans of mask_length start at this rate / mask_length)
     mask_length: int = 5
     proj_dim: int = 64  # 128 for MERT-330M
@@ -41,7 +41,7 @@ class ObjectiveConfig:
     mixup_seconds: tuple[float, float] = (0.5, 1.0)
     sample_rate: int = SAMPLE_RATE
     hop: int = FRAME_SAMPLES
-    # kind=bestrq (pretrain/bestrq.py): targets from a frozen random-projection quantizer of log-mel frames, made in
+    # kind=bestrq (pretrain/objectives/bestrq.py): targets from a frozen random-projection quantizer of log-mel frames, made in
     # the step; the projection and codebooks are drawn from bestrq_seed (configs/bestrq_95m.yaml explains the values)
     bestrq_seed: int = 0
     bestrq_codebooks: int = 1  # independent quantizers (own projection and codebook), one softmax head each
@@ -50,7 +50,7 @@ class ObjectiveConfig:
     bestrq_n_mels: int = 128
     bestrq_n_fft: int = 2048
     bestrq_stack: int = 1  # log-mel frames per 320-sample label frame (hop 320 / stack), concatenated
-    # kind=data2vec (pretrain/data2vec.py; configs/music2vec_95m.yaml): regression of an EMA teacher's top-k layers
+    # kind=data2vec (pretrain/objectives/data2vec.py; configs/music2vec_95m.yaml): regression of an EMA teacher's top-k layers
     data2vec_top_k: int = 8  # feed-forward outputs of the teacher's top k blocks, averaged
     data2vec_ema_decay: float = 0.999  # the teacher's EMA decay at step 0 ...
     data2vec_ema_end_decay: float = 0.9999  # ... growing linearly to this

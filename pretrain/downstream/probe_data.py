@@ -14,7 +14,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.files import read_json
-from pretrain.probe_metrics import KEY_NAMES, TASK_TYPES, ProbeError, checked_key
+from pretrain.downstream.probe_metrics import KEY_NAMES, TASK_TYPES, ProbeError, checked_key
 
 FORMAT = "musicpt-features/1"
 SPLITS = ("train", "valid", "test")
@@ -108,16 +108,16 @@ class Features:
 
 def load_features(folder: str) -> Features:
     """Every example of a features folder, checked against info.json."""
-    how = "make one with python -m pretrain.extract --out FOLDER"
+    how = "make one with python -m pretrain.downstream.extract --out FOLDER"
     if not os.path.isdir(folder):
         raise ProbeError(f"--features {folder}: no such folder; {how}")
     info = _read_json_file(os.path.join(folder, "info.json"), f"the features description; {how}")
     if info.get("format") != FORMAT or not info.get("layer_names"):
         raise ProbeError(f"{folder}/info.json: format {info.get('format')!r} with layer_names "
-                         f"{info.get('layer_names')!r}; expected format {FORMAT!r} from python -m pretrain.extract")
+                         f"{info.get('layer_names')!r}; expected format {FORMAT!r} from python -m pretrain.downstream.extract")
     rows = _read_jsonl(os.path.join(folder, "index.jsonl"), f"the examples index; {how}")
     if not rows:
-        raise ProbeError(f"{folder}/index.jsonl: no examples; run python -m pretrain.extract (again) to fill it")
+        raise ProbeError(f"{folder}/index.jsonl: no examples; run python -m pretrain.downstream.extract (again) to fill it")
     arrays = [_load_example(folder, line, row, len(info["layer_names"])) for line, row in rows]
     dims = {array.shape[1] for array in arrays}
     if len(dims) > 1:
@@ -132,7 +132,7 @@ def _load_example(folder: str, line: int, row: dict, num_layers: int) -> np.ndar
     missing = [name for name in ("key", "clip", "path") if name not in row]
     if missing:
         raise ProbeError(f"{folder}/index.jsonl:{line}: no {', '.join(missing)}; "
-                         "expected rows from python -m pretrain.extract")
+                         "expected rows from python -m pretrain.downstream.extract")
     path = os.path.join(folder, row["path"])
     try:
         array = np.load(path)
@@ -142,7 +142,7 @@ def _load_example(folder: str, line: int, row: dict, num_layers: int) -> np.ndar
         raise ProbeError(f"{path}: shape {array.shape}; info.json promises [{num_layers}, dim] features")
     if not np.isfinite(array).all():
         raise ProbeError(f"{path}: clip {row['clip']} has non-finite features (NaN or Inf), which would poison the "
-                         "probe; its audio probably holds NaN/Inf samples. Re-extract: pretrain.extract skips such "
+                         "probe; its audio probably holds NaN/Inf samples. Re-extract: pretrain.downstream.extract skips such "
                          "clips into skipped.jsonl")
     return array.astype(np.float32, copy=False)
 

@@ -14,11 +14,11 @@ Targets, per 320-sample label frame (75 Hz, the encoder's frame rate):
 Frames past a clip's real length get code -1 (ignored by the loss; the mask never reaches them anyway).
 
 The projection, the codebooks and the log-mel filters are not part of the module tree (like the CQT kernels of
-pretrain/objective.py): they are drawn on the CPU from `bestrq_seed` when the objective is built, so they are
+pretrain/objectives/mert.py): they are drawn on the CPU from `bestrq_seed` when the objective is built, so they are
 identical on every rank and after a resume, are never trained, cast to bf16/fp16 by DeepSpeed, or saved in a
 checkpoint (the seed in the run's config.yaml is what makes them again); exports hold the encoder only, as for mert.
 
-The loss is the mert objective's (pretrain/objective.py: span mask, optional noise mixup of the input, masked
+The loss is the mert objective's (pretrain/objectives/mert.py: span mask, optional noise mixup of the input, masked
 frames only, feature penalty, optional CQT head), with one linear softmax head per codebook, as in BEST-RQ.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import nn
 
 from data.audio import FRAME_SAMPLES
 from pretrain.model import Encoder
-from pretrain.objective import Objective, ObjectiveConfig
+from pretrain.objectives.mert import Objective, ObjectiveConfig
 from teachers.features import FeatureConfig, FeatureExtractor
 
 STREAM = "bestrq"  # the logs' name: loss/bestrq_N, acc/bestrq_N

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.bestrq import normalise
+from pretrain.objectives.bestrq import normalise
 from pretrain.model import Encoder
-from pretrain.objective import Objective, ObjectiveConfig
+from pretrain.objectives.mert import Objective, ObjectiveConfig
 
 STREAM = "data2vec"  # the logs' name: loss/data2vec
 TEACHER_PREFIXES = ("norm.", "blocks.")  # what the EMA follows (fairseq's ema_layers_only: not the positional conv)

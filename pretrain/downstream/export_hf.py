@@ -1,4 +1,4 @@
-"""Hugging Face export: `python -m pretrain.export_hf --ckpt MODEL_PT_OR_RUN_DIR --out FOLDER`.
+"""Hugging Face export: `python -m pretrain.downstream.export_hf --ckpt MODEL_PT_OR_RUN_DIR --out FOLDER`.
 
 FOLDER then loads offline, as a `HubertModel`, with
 `transformers.AutoModel.from_pretrained(FOLDER)`, and its hidden states equal
