@@ -251,7 +251,8 @@ def prepared(ctx: dict) -> dict:
     """The demo corpus, its shards and the log-mel+chroma k-means teacher (fit + dump), made once in OUT/data."""
     if "data" not in ctx:
         work = os.path.join(ctx["out"], "data")
-        labels = learning.prepare_training(SimpleNamespace(minutes=ctx["plan"]["minutes"], teacher="logmel_chroma", timbres="fixed"), work)
+        labels = learning.prepare_training(SimpleNamespace(minutes=ctx["plan"]["minutes"], teacher="logmel_chroma",
+                                                           timbres="fixed", objective="mert"), work)
         shards = os.path.join(work, "shards")
         ctx["data"] = {"work": work, "shards": shards, "labels": labels, "corpus": os.path.join(work, "corpus", "audio"),
                        "teacher": os.path.join(work, "teachers", "logmel_chroma"),
