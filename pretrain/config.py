@@ -179,6 +179,9 @@ def check_data2vec(cfg: RunConfig, where: str) -> None:
         if not 0 <= getattr(o, name) <= 1:
             raise ConfigError(f"{where}: objective.{name}={getattr(o, name)}: an EMA decay is in [0, 1] (data2vec: "
                               "0.999 growing to 0.9999)")
+    if o.data2vec_loss_beta < 0:
+        raise ConfigError(f"{where}: objective.data2vec_loss_beta={o.data2vec_loss_beta}: 0 (squared error) or a "
+                          "positive smooth-L1 beta")
     if o.data2vec_ema_anneal_steps < 0:
         raise ConfigError(f"{where}: objective.data2vec_ema_anneal_steps must be at least 0 (0: train.steps)")
 

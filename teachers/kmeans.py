@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     make_teacher = functools.partial(KMeansTeacher, cfg.out, cfg.device)
     streams = read_json(os.path.join(cfg.out, "kmeans.json"), "a k-means fit record (run `teachers.kmeans fit`)")
-    sources = [{"path": s["features"]["ckpt"], "fingerprint": s["features"]["fingerprint"]}
+    sources = [{"path": s["features"]["ckpt"], "fingerprint": s["features"]["fingerprint"], "layer": s["features"]["layer"]}
                for s in streams["settings"]["streams"] if s["features"].get("kind") == "encoder"]
     report = dump(make_teacher, cfg.shards, cfg.labels_dir, args.workers or cfg.workers, args.rank, args.world,
                   extra={"model": os.path.abspath(cfg.out), **({"sources": sources} if sources else {})})

@@ -125,6 +125,19 @@ def test_the_music2vec_preset_is_the_95m_encoder_on_data2vec_base_settings():
     assert (cfg.model.dim, cfg.model.layers, cfg.model.conv_norm, cfg.data.labels) == (768, 12, "layer", ())
 
 
+def test_smooth_l1_is_the_loss_with_a_beta():
+    audio, lengths = music(items=2), torch.full((2,), 48000)
+    losses = {}
+    for beta in (0.0, 0.25, 1000.0):
+        model = objective(cfg=dataclasses.replace(CFG, data2vec_loss_beta=beta)).eval()
+        losses[beta] = model(audio, lengths, {}, torch.Generator().manual_seed(0))[1]["loss/data2vec"].item()
+    assert losses[1000.0] * 2 * 1000.0 == pytest.approx(losses[0.0], rel=1e-4)  # errors < beta: 0.5 e^2 / beta
+    assert losses[0.25] != pytest.approx(losses[0.0], rel=1e-2)
+    with pytest.raises(ConfigError, match="data2vec_loss_beta=-1"):
+        load_config("configs/tiny.yaml", ["objective.kind=data2vec", "data.shards=x", "data.labels=[]",
+                                          "objective.data2vec_top_k=2", "objective.data2vec_loss_beta=-1"])
+
+
 def test_labels_and_impossible_settings_are_refused():
     with pytest.raises(ValueError, match="data.labels"):
         Data2VecObjective(CFG, Encoder(TINY), {"km": [8]})

@@ -99,7 +99,7 @@ def test_labels_of_a_checkpoint_that_changed_are_refused_by_the_dump_and_the_loa
     for stage in ("fit", "dump"):
         kmeans_main([stage, "--config", str(tmp_path / "it2.yaml")])
     manifest = json.load(open(tmp_path / "labels" / "teacher.json"))
-    assert manifest["sources"] == [{"path": source, "fingerprint": fingerprint(source)}]
+    assert manifest["sources"] == [{"path": source, "fingerprint": fingerprint(source), "layer": 1}]
     config = StreamConfig(shards, crop_seconds=1.0, batch_size=2, num_workers=0, labels=(str(tmp_path / "labels"),))
     AudioLoader(config)  # the same checkpoint: the labels load
     torch.manual_seed(1)  # another checkpoint under the same path (an iteration-1 run saved again, say)

@@ -11,7 +11,8 @@ by default (`data2vec_ema_all`) it is the EMA of the whole encoder, conv extract
 audio (fairseq's ema_transformer_only=false); with `data2vec_ema_all=false` it is fairseq's default, an EMA of the
 blocks and of the norm before them only (`ema_layers_only`), fed the student's projected conv features of the
 unmasked crop, with the student's own positional conv (the README says why we differ). Each target layer is instance-normalised over time (here over the crop's real frames) before the average; the loss
-is the squared error summed over dimensions, scaled by 1 / sqrt(dim), averaged over masked frames; a linear
+is the squared error (or, with `data2vec_loss_beta` > 0, smooth L1) summed over dimensions, scaled by
+1 / sqrt(dim), averaged over masked frames; a linear
 `final_proj` maps the student's last layer to the target. The EMA decay goes linearly from `data2vec_ema_decay`
 to `data2vec_ema_end_decay` over `data2vec_ema_anneal_steps` updates (0: the run's train.steps, so a resume with more
 steps stretches the rest of the schedule, as it does the learning rate's), then stays.
@@ -119,7 +120,10 @@ class Data2VecObjective(Objective):
         target = self.targets(step["projected"], step["padding"], audio, step["lengths"])
         target = target.flatten(0, 1).index_select(0, step["picked"])  # [M, D]
         prediction = self.final_proj(step["h"]).float()
-        regression = F.mse_loss(prediction, target, reduction="none").sum(-1).mean() / math.sqrt(target.shape[-1])
+        beta = self.cfg.data2vec_loss_beta
+        error = (F.mse_loss(prediction, target, reduction="none") if beta == 0 else
+                 F.smooth_l1_loss(prediction, target, reduction="none", beta=beta))
+        regression = error.sum(-1).mean() / math.sqrt(target.shape[-1])
         logs.update({f"loss/{STREAM}": regression.detach(), "var/target": spread(target),
                      "var/prediction": spread(prediction.detach())})
         return self.finish(loss + regression, logs, audio, step)

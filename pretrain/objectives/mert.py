@@ -55,6 +55,7 @@ class ObjectiveConfig:
     data2vec_ema_decay: float = 0.999  # the teacher's EMA decay at step 0 ...
     data2vec_ema_end_decay: float = 0.9999  # ... growing linearly to this
     data2vec_ema_anneal_steps: int = 0  # ... over this many updates (0: train.steps)
+    data2vec_loss_beta: float = 0.0  # 0: squared error (data2vec base); > 0: smooth L1 with this beta (fairseq's loss_beta)
     data2vec_ema_all: bool = True  # the teacher is the EMA of the whole encoder, conv extractor included, reading
     # the clean audio (fairseq: ema_transformer_only=false). false: fairseq's default, an EMA of the blocks fed the
     # student's conv features, which the student can then reshape to make its targets easy (README: data2vec)
