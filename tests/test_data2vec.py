@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import subprocess
 import sys
 
 import pytest
@@ -20,7 +19,7 @@ from pretrain.export import load_encoder
 from pretrain.model import Encoder
 from test_bestrq import music
 from test_model import TINY
-from test_train import ENV, ROOT, command, final_weights, kill_tree, metrics, run, samples, wait_for_step
+from test_train import command, final_weights, kill_when_logged, metrics, run, samples
 
 CFG = load_config("configs/tiny.yaml", ["objective.kind=data2vec", "data.labels=[]", "objective.data2vec_top_k=2",
                                         "objective.cqt_weight=0", "objective.mixup_prob=0",
@@ -204,13 +203,7 @@ def test_sigkill_of_a_two_process_data2vec_run_then_resume_matches_the_uninterru
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run(command(train_data, straight, *extra, procs=2))
     kill_at = random.Random().randint(3, 6)
-    process = subprocess.Popen(command(train_data, interrupted, *extra, procs=2), cwd=ROOT, env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_step(interrupted, kill_at, process)
-    finally:
-        kill_tree(process.pid)
-        process.wait()
+    kill_when_logged(command(train_data, interrupted, *extra, procs=2), interrupted, kill_at)
     resumed = run(command(train_data, interrupted, *extra, procs=2))
     assert "resumed from" in resumed.stderr, f"killed at step {kill_at}"
     a, b = metrics(straight), metrics(interrupted)

@@ -105,6 +105,16 @@ def wait_for_step(run_dir, step: int, process: subprocess.Popen) -> None:
     raise AssertionError(f"{run_dir}: never reached step {step} (exit code {process.poll()})")
 
 
+def kill_when_logged(argv: list[str], run_dir, step: int) -> None:
+    """Starts the run and SIGKILLs its whole process tree once it has logged `step`."""
+    process = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(run_dir, step, process)
+    finally:
+        kill_tree(process.pid)
+        process.wait()
+
+
 @pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(data, tmp_path):
     steps, extra = 12, ("train.steps=12", "train.save_every=3", "train.log_samples=true",  # and evals, which must
@@ -114,13 +124,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(data
 
     kill_at = random.Random().randint(4, 10)
     print(f"killing the second run at step {kill_at}")
-    process = subprocess.Popen(command(data, interrupted, *extra, procs=2), cwd=ROOT, env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_step(interrupted, kill_at, process)
-    finally:
-        kill_tree(process.pid)
-        process.wait()
+    kill_when_logged(command(data, interrupted, *extra, procs=2), interrupted, kill_at)
     resumed = run(command(data, interrupted, *extra, procs=2))
     resumed_at = int(re.search(r"resumed from \S+step-(\d+)", resumed.stderr).group(1))  # logged
     assert resumed_at < steps  # the kill landed before the end
