@@ -14,27 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import torch
 
 from pretrain.export import load_any
-from pretrain.downstream.export_hf import QKV, RENAMES
+from pretrain.downstream.export_hf import hubert_names
 from pretrain.model import Encoder
 
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-
-
-def hubert_name(name: str) -> str | list[str]:
-    """Our state_dict name -> HubertModel's (three names for a fused qkv tensor)."""
-    qkv = QKV.fullmatch(name)
-    if qkv:
-        layer, kind = qkv.groups()
-        return [f"encoder.layers.{layer}.attention.{proj}.{kind}" for proj in ("q_proj", "k_proj", "v_proj")]
-    for pattern, new in RENAMES:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, new, name)
-    raise ValueError(f"{name}: no HuBERT counterpart (update RENAMES in pretrain/downstream/export_hf.py)")
 
 
 def read_hf_folder(folder: str) -> dict[str, torch.Tensor]:
@@ -55,12 +42,13 @@ def from_hf(folder: str, encoder: Encoder) -> dict[str, torch.Tensor]:
     """Our encoder's state_dict taken from a HubertModel folder's weights."""
     hf, state, missing = read_hf_folder(folder), {}, []
     for name in encoder.state_dict():
-        source = hubert_name(name)
-        names = source if isinstance(source, list) else [source]
+        names = hubert_names(name)
+        if names is None:
+            raise ValueError(f"{name}: no HuBERT counterpart (update RENAMES in pretrain/downstream/export_hf.py)")
         if any(n not in hf for n in names):
             missing += [n for n in names if n not in hf]
             continue
-        state[name] = torch.cat([hf[n] for n in names]) if isinstance(source, list) else hf[source]
+        state[name] = torch.cat([hf[n] for n in names])  # one name: the tensor itself; q, k, v: fused back
     if missing:
         raise ValueError(f"train.init_from={folder}: no {missing[:5]}{' ...' if len(missing) > 5 else ''} among its "
                          "weights (is it a HuBERT-style model?)")

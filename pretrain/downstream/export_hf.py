@@ -74,7 +74,7 @@ FORMAT = "musicpt-hf-hubert-v1"
 MARKER = "musicpt_export.json"
 LAYER_NORM_EPS = 1e-5  # torch's default, used by every norm of ours
 
-# One-to-one renames (regex over our state_dict names); the fused qkv is split in `split_qkv`.
+# One-to-one renames (regex over our state_dict names); the fused qkv is split in `hubert_names`.
 RENAMES = [
     (r"extractor\.blocks\.(\d+)\.0\.weight", r"feature_extractor.conv_layers.\1.conv.weight"),
     (r"extractor\.blocks\.(\d+)\.1\.(weight|bias)", r"feature_extractor.conv_layers.\1.layer_norm.\2"),
@@ -111,30 +111,30 @@ def load_source(path: str) -> tuple[Encoder, dict]:
 
 # -- converting
 
+def hubert_names(name: str) -> list[str] | None:
+    """HubertModel's name(s) for one of our state_dict names: three (q_proj, k_proj, v_proj) for a fused qkv
+    tensor, whose output rows are q, then k, then v; None when it has no counterpart. `pretrain.init_from` reads
+    a HuBERT folder back through the same map."""
+    qkv = QKV.fullmatch(name)
+    if qkv:
+        layer, kind = qkv.groups()
+        return [f"encoder.layers.{layer}.attention.{proj}.{kind}" for proj in ("q_proj", "k_proj", "v_proj")]
+    return next(([re.sub(pattern, new, name)] for pattern, new in RENAMES if re.fullmatch(pattern, name)), None)
+
+
 def hubert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our encoder's state_dict under HubertModel's names: contiguous fp32 tensors that share no memory."""
     out, unmapped = {}, []
     for name, tensor in state.items():
-        tensor = tensor.detach().float()
-        if QKV.fullmatch(name):
-            out.update(split_qkv(name, tensor))
-            continue
-        target = next((re.sub(pattern, new, name) for pattern, new in RENAMES if re.fullmatch(pattern, name)), None)
-        if target is None:
+        targets = hubert_names(name)
+        if targets is None:
             unmapped.append(name)
-        else:
-            out[target] = tensor.clone().contiguous()
+            continue
+        for target, part in zip(targets, tensor.detach().float().chunk(len(targets), dim=0)):
+            out[target] = part.clone().contiguous()
     if unmapped:
         raise ValueError(f"encoder weights with no HuBERT counterpart: {unmapped}; update RENAMES in {__file__}")
     return out
-
-
-def split_qkv(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Our fused qkv Linear (output rows q, then k, then v) as HuBERT's q_proj, k_proj, v_proj."""
-    layer, kind = QKV.fullmatch(name).groups()
-    parts = tensor.chunk(3, dim=0)
-    return {f"encoder.layers.{layer}.attention.{proj}.{kind}": part.clone().contiguous()
-            for proj, part in zip(("q_proj", "k_proj", "v_proj"), parts)}
 
 
 def hubert_config(cfg: EncoderConfig) -> dict:
