@@ -94,18 +94,12 @@ class EncoderFeatures(torch.nn.Module):
             return self.forward(audio.unsqueeze(0)).squeeze(0)
         frames = audio.shape[-1] // FRAME_SAMPLES
         device = audio.device
-        self.encoder.to(device)
         if int(self.encoder.frames(audio.shape[-1])) < 1:
             return audio.new_zeros(audio.shape[0], frames, self.cfg.dim)
-        captured = []
-        hook = self.encoder.blocks[0].register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-        try:
-            out = self.encoder(audio.float(), all_layers=self.cfg.layer > 0)
-        finally:
-            hook.remove()
-        layer, last = self.cfg.layer, self.encoder.cfg.layers
-        # as pretrain.downstream.extract's layers: the last is the encoder's output (Pre-LN: after its final norm)
-        x = captured[0] if layer == 0 else out["x"] if layer == last else out["layers"][layer - 1]
+        from pretrain.downstream.extract import EncoderLayers  # its layers, as pretrain.downstream.extract names them
+
+        lengths = torch.full((audio.shape[0],), audio.shape[-1], device=device)
+        x = EncoderLayers(self.encoder, device)(audio.float(), lengths)[0][self.cfg.layer]
         missing = frames - x.shape[1]
         if missing > 0:
             x = torch.cat([x, x[:, -1:].expand(-1, missing, -1)], dim=1)
