@@ -6,6 +6,7 @@
     python bench/learning.py --smoke     # tiny preset, 1 minute of audio, 20 steps, probe scale 0.1 (work: *-smoke)
     python bench/learning.py --run RUN_DIR --work DIR [--scale S]   # only probe a finished run (the demo does)
     python bench/learning.py --compare WORK [WORK ...]   # one table of finished benchmarks (their learning.json)
+    python bench/learning.py --objective data2vec --config configs/tiny.yaml --print-settings  # its overrides (the demo)
 
 Every stage is a subprocess of the real CLIs, logged to WORK/logs/, and skipped when its output exists, so a re-run
 resumes: the demo corpus, shards, the k-means teacher (fit + dump), pretraining (key=value overrides go to
@@ -43,14 +44,15 @@ TASKS = ("pitch", "instrument", "key")
 BASELINES = ("mfcc", "chroma", "logmel")
 FEATURE_SETS = ("trained", "random") + BASELINES
 # --objective: pretrain.train overrides before the user's key=value ones. data2vec averages the top 2/3 of the
-# teacher's blocks (data2vec base: 8 of 12); its EMA decays are fairseq's. bestrq: configs/bestrq_95m.yaml's masking.
+# teacher's blocks (data2vec base: 8 of 12); its EMA decays are fairseq's, and so is its extractor (data2vec audio
+# base: extractor_mode layer_norm, as configs/music2vec_95m.yaml). bestrq: configs/bestrq_95m.yaml's masking.
 OBJECTIVE_SETTINGS = {
     "mert": lambda layers: [],
     "bestrq": lambda layers: ["objective.kind=bestrq", "data.labels=[]", "objective.mask_length=30",
                               "objective.mask_prob=0.9", "objective.cqt_weight=0", "objective.mixup_prob=0"],
     "data2vec": lambda layers: ["objective.kind=data2vec", "data.labels=[]", f"objective.data2vec_top_k={max(1, round(layers * 2 / 3))}",
                                 "objective.mask_prob=0.65", "objective.mask_length=10", "objective.cqt_weight=0",
-                                "objective.mixup_prob=0"],
+                                "objective.mixup_prob=0", "model.conv_norm=layer"],
 }
 SMOKE = {"config": "configs/tiny.yaml", "minutes": 1.0, "steps": 20, "scale": 0.1}
 TIMES: dict[str, float] = {}
@@ -98,14 +100,21 @@ def prepare_training(args, work: str) -> str:
     return labels
 
 
+def objective_settings(objective: str, config: str) -> list[str]:
+    """OBJECTIVE_SETTINGS[objective] for the preset `config` (its depth)."""
+    from pretrain.config import load_config
+
+    layers = load_config(config, ["data.shards=unused", "objective.kind=mert", "data.labels=[unused]"]).model.layers
+    return OBJECTIVE_SETTINGS[objective](layers)
+
+
 def train(args, work: str, labels: str) -> str:
     from pretrain.config import load_config
 
     run_dir = os.path.join(work, "runs", args.name)
-    layers = load_config(args.config, ["data.shards=unused", "objective.kind=mert", "data.labels=[unused]"]).model.layers
     overrides = [f"data.shards={os.path.join(work, 'shards')}", f"data.labels=[{labels}]", f"train.run_dir={run_dir}",
                  *([f"train.steps={args.steps}"] if args.steps else []),
-                 *OBJECTIVE_SETTINGS[args.objective](layers), *args.overrides]
+                 *objective_settings(args.objective, args.config), *args.overrides]
     steps = load_config(args.config, overrides).train.steps
     status = read(os.path.join(run_dir, "status.json")) or {}
     done = status.get("state") == "finished" and status.get("step", -1) >= steps
@@ -292,6 +301,8 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny preset, 1 minute, 20 steps, probe scale 0.1")
     parser.add_argument("--run", help="probe this finished run directory instead of training one (its config.yaml)")
     parser.add_argument("--compare", nargs="+", metavar="WORK", help="print one table of finished benchmarks and exit")
+    parser.add_argument("--print-settings", action="store_true",
+                        help="print the --objective's pretrain.train overrides for --config, one per line, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to pretrain.train")
     args = parser.parse_args(argv)
     defaults = SMOKE if args.smoke else {"config": "configs/small.yaml", "minutes": 30.0, "steps": None, "scale": 1.0}
@@ -313,6 +324,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.compare:
         return compare(args.compare)
+    if args.print_settings:
+        return print("\n".join(objective_settings(args.objective, args.config)))
     os.chdir(ROOT)
     work, started = os.path.abspath(args.work), time.perf_counter()
     if args.run:

@@ -3,14 +3,17 @@
 #   demo corpus -> audio shards -> teachers (k-means log-mel+chroma and MFCC: fit + dump;
 #   EnCodec codes from a RANDOM-INIT model, since pretrained weights cannot be downloaded here)
 #   -> one pass of the streaming loader with every teacher's labels joined
-#   -> pretraining of the tiny preset (CQT head, noise mixup), interrupted by SIGTERM and resumed
+#   -> pretraining of the tiny preset, interrupted by SIGTERM and resumed: with the data2vec objective (an EMA
+#      teacher's layers as targets; bench/learning.py's settings), the one that learns at this scale (README);
+#      OBJECTIVE=mert bash launch/demo.sh trains on the k-means log-mel+chroma labels instead (CQT head, mixup)
 #   -> a summary and a weights-only export of the encoder
 #   -> MARBLE-style probes (pitch, instrument, key) on a separate labelled probe corpus: the trained model
 #      against the same architecture untrained and against MFCC, chroma and log-mel statistics.
-# Usage: bash launch/demo.sh [WORK_DIR] (default: demo_out/); safe to re-run.
+# Usage: [OBJECTIVE=data2vec|mert] bash launch/demo.sh [WORK_DIR] (default: demo_out/); safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-demo_out}
+OBJECTIVE=${OBJECTIVE:-data2vec}
 PY=.venv/bin/python
 
 if [ ! -x "$PY" ]; then
@@ -48,10 +51,11 @@ print(f"loader: {len(batches)} batches, {sum(len(b['keys']) for b in batches)} c
       f"audio {tuple(batches[0]['audio'].shape)}, labels "
       + ", ".join(f"{name} {tuple(codes.shape)}" for name, codes in batches[0]["labels"].items()))
 PYEOF
-RUN="$WORK/runs/tiny"
+RUN="$WORK/runs/tiny-$OBJECTIVE"
+mapfile -t SETTINGS < <("$PY" bench/learning.py --config configs/tiny.yaml --objective "$OBJECTIVE" --print-settings)
 TRAIN=("$PY" -m pretrain.train --config configs/tiny.yaml data.shards="$SHARDS"
-       "data.labels=[$SHARDS/labels/logmel_chroma]" train.run_dir="$RUN")
-echo "== 6/8 pretraining the tiny preset: 300 steps, stopped by SIGTERM after step 120, then resumed"
+       "data.labels=[$SHARDS/labels/logmel_chroma]" "${SETTINGS[@]}" train.run_dir="$RUN")
+echo "== 6/8 pretraining the tiny preset ($OBJECTIVE objective): 300 steps, stopped by SIGTERM after step 120, then resumed"
 if grep -qs '"state": "finished"' "$RUN/status.json"; then
     echo "-- already trained: $RUN (delete it to train again)"
 else
@@ -71,9 +75,13 @@ run = sys.argv[1]
 all_rows = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
 rows = [row for row in all_rows if "loss" in row]  # training rows, not the eval/collapse rows
 first, last = rows[0], rows[-1]
-acc = lambda row: sum(v for k, v in row.items() if k.startswith("acc/")) / sum(k.startswith("acc/") for k in row)
-print(f"steps {first['step']} -> {last['step']}: loss {first['loss']:.2f} -> {last['loss']:.2f}, "
-      f"CQT loss {first['loss/cqt']:.3f} -> {last['loss/cqt']:.3f}, masked accuracy {acc(first):.3f} -> {acc(last):.3f}")
+terms = {"loss/data2vec": "data2vec regression", "loss/cqt": "CQT loss"}
+parts = [f"{name} {first[key]:.3f} -> {last[key]:.3f}" for key, name in terms.items() if key in last]
+accs = [key for key in last if key.startswith("acc/")]
+if accs:
+    acc = lambda row: sum(row[key] for key in accs) / len(accs)
+    parts.append(f"masked accuracy {acc(first):.3f} -> {acc(last):.3f}")
+print(f"steps {first['step']} -> {last['step']}: loss {first['loss']:.2f} -> {last['loss']:.2f}, " + ", ".join(parts))
 evals = [row for row in all_rows if "collapse/effective_rank" in row]
 if evals:
     print(f"collapse signals (pretrain/validate.py): output effective rank {evals[0]['collapse/effective_rank']:.0f} "

@@ -25,6 +25,8 @@ def test_each_objective_makes_a_valid_run_of_the_preset(objective, preset):
     assert bool(cfg.data.labels) == (objective == "mert")
     if objective == "data2vec":
         assert 1 <= cfg.objective.data2vec_top_k < layers or layers == 1
+        music2vec = load_config("configs/music2vec_95m.yaml", ["data.shards=x"])
+        assert cfg.model.conv_norm == music2vec.model.conv_norm == "layer"  # data2vec audio base's extractor
 
 
 def test_runs_of_other_objectives_get_their_own_name():
