@@ -52,7 +52,10 @@ print(f"loader: {len(batches)} batches, {sum(len(b['keys']) for b in batches)} c
       + ", ".join(f"{name} {tuple(codes.shape)}" for name, codes in batches[0]["labels"].items()))
 PYEOF
 RUN="$WORK/runs/tiny-$OBJECTIVE"
-mapfile -t SETTINGS < <("$PY" bench/learning.py --config configs/tiny.yaml --objective "$OBJECTIVE" --print-settings)
+# a command substitution, not a process substitution: set -e stops the demo when this fails (OBJECTIVE=typo)
+SETTINGS_TEXT=$("$PY" bench/learning.py --config configs/tiny.yaml --objective "$OBJECTIVE" --print-settings)
+SETTINGS=()
+[ -z "$SETTINGS_TEXT" ] || mapfile -t SETTINGS <<< "$SETTINGS_TEXT"  # mert: none
 TRAIN=("$PY" -m pretrain.train --config configs/tiny.yaml data.shards="$SHARDS"
        "data.labels=[$SHARDS/labels/logmel_chroma]" "${SETTINGS[@]}" train.run_dir="$RUN")
 echo "== 6/8 pretraining the tiny preset ($OBJECTIVE objective): 300 steps, stopped by SIGTERM after step 120, then resumed"
