@@ -221,6 +221,34 @@ def targets(scores: dict, ranks: dict) -> list[tuple[str, bool]]:
                      for task in TASKS]
 
 
+def test_clips(work: str) -> dict[str, int]:
+    """Each probe task's number of test clips."""
+    counts = {}
+    for task in TASKS:
+        with open(os.path.join(work, "probe", task, "labels.jsonl")) as file:
+            counts[task] = sum(json.loads(line).get("split") == "test" for line in file if line.strip())
+    return counts
+
+
+def standard_error(score: float, clips: int) -> float:
+    """The binomial standard error of a test score in [0, 1] over `clips` test clips: exact for accuracy, an upper
+    bound for the key score (a clip's score lies in [0, 1], so its variance is at most score x (1 - score))."""
+    return math.sqrt(max(score * (1 - score), 0.0) / clips) if clips else math.nan
+
+
+def score_margins(scores: dict, clips: dict[str, int]) -> dict[str, float]:
+    """How far each score target passes (+) or fails (-), in standard errors of the compared difference."""
+    margins = {}
+    for task in TASKS:
+        trained, random = test(scores, task, "trained"), test(scores, task, "random")
+        se_trained, se_random = standard_error(trained, clips[task]), standard_error(random, clips[task])
+        margins[f"{task}: trained >= 1.2 x random"] = (trained - 1.2 * random) / math.hypot(se_trained, 1.2 * se_random)
+        if task in ("pitch", "key"):
+            mfcc = test(scores, task, "mfcc")
+            margins[f"{task}: trained >= mfcc"] = (trained - mfcc) / math.hypot(se_trained, standard_error(mfcc, clips[task]))
+    return margins
+
+
 def test(scores: dict, task: str, name: str) -> float:
     return scores[task][name]["test"]
 
@@ -229,12 +257,13 @@ def ratio(a: float, b: float) -> float:
     return a / b if b > 0 else math.inf if a > 0 else math.nan
 
 
-def print_table(scores: dict, ranks: dict) -> None:
-    header = ["task", "metric", "trained", "random", "ratio", *BASELINES, "rank tr", "rank rnd"]
+def print_table(scores: dict, ranks: dict, clips: dict[str, int]) -> None:
+    header = ["task", "metric", "test clips", "trained", "random", "ratio", *BASELINES, "rank tr", "rank rnd"]
     lines = [header]
     for task in TASKS:
         values = [test(scores, task, name) for name in FEATURE_SETS]
-        lines.append([task, scores[task]["trained"]["metric"], *(f"{v:.3f}" for v in values[:2]),
+        trained, random = (f"{v:.3f} ±{standard_error(v, clips[task]):.3f}" for v in values[:2])
+        lines.append([task, scores[task]["trained"]["metric"], str(clips[task]), trained, random,
                       f"{ratio(values[0], values[1]):.2f}", *(f"{v:.3f}" for v in values[2:]),
                       str(ranks[task]["trained"]), str(ranks[task]["random"])])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -244,7 +273,15 @@ def print_table(scores: dict, ranks: dict) -> None:
     print("Test score (accuracy; key: MIREX weighted score) of the probe with the best validation score among every "
           "single\nlayer and the weighted sum of layers. Encoders: clip means, one window per clip; baselines: mean "
           "and std of\nframes. ratio = trained / random; rank = principal components holding 95% of the variance of "
-          "the centred\nfinal-layer clip embeddings.")
+          "the centred\nfinal-layer clip embeddings. ± : the binomial standard error over the test clips (for the key "
+          "score an upper bound).")
+
+
+def run_objective(run_dir: str) -> str:
+    """The objective.kind the run trained with (its config.yaml): with --run, --objective is not the run's."""
+    from pretrain.config import from_yaml
+
+    return from_yaml(open(os.path.join(run_dir, "config.yaml")).read()).objective.kind
 
 
 def training_summary(run_dir: str) -> dict:
@@ -345,15 +382,18 @@ def main(argv=None) -> None:
     print()
     training = training_summary(run_dir)
     print()
-    print_table(scores, ranks)
-    checks = targets(scores, ranks)
-    print("\ntargets:")
+    clips = test_clips(work)
+    print_table(scores, ranks, clips)
+    checks, margins = targets(scores, ranks), score_margins(scores, clips)
+    print("\ntargets (score targets: margin in standard errors; within 2 is noise, not a result):")
     for label, ok in checks:
-        print(f"  {'PASS' if ok else 'FAIL'}  {label}")
+        margin = f"  ({margins[label]:+.1f} se{', within noise' if abs(margins[label]) < 2 else ''})" if label in margins else ""
+        print(f"  {'PASS' if ok else 'FAIL'}  {label}{margin}")
     total = time.perf_counter() - started
-    results = {"config": args.config, "name": args.name, "objective": args.objective, "teacher": args.teacher, "minutes": args.minutes,
+    results = {"config": args.config, "name": args.name, "objective": run_objective(run_dir), "teacher": args.teacher, "minutes": args.minutes,
                "scale": args.scale, "overrides": args.overrides, "training": training, "scores": scores,
-               "effective_rank": ranks, "targets": {label: ok for label, ok in checks},
+               "effective_rank": ranks, "targets": {label: ok for label, ok in checks}, "test_clips": clips,
+               "margins_se": {label: round(m, 2) for label, m in margins.items()},
                "stage_seconds": {**(read(os.path.join(work, "learning.json")) or {}).get("stage_seconds", {}),
                                  **{name: round(seconds, 2) for name, seconds in TIMES.items()}},  # stages run before too
                "seconds": round(total, 1)}

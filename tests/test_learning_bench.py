@@ -49,3 +49,20 @@ def test_compare_prints_one_row_per_finished_benchmark(tmp_path, capsys):
     assert lines[2].split()[:4] == ["two", "data2vec", "0.250", "(0.50x)"] and "1/2" in lines[2]
     with pytest.raises(SystemExit, match="no learning.json"):
         learning.main(["--compare", str(tmp_path)])
+
+
+def test_score_margins_say_when_a_target_is_within_the_test_sets_noise(tmp_path):
+    assert learning.standard_error(0.5, 100) == pytest.approx(0.05)
+    assert learning.standard_error(1.0, 100) == 0.0
+    scores = {task: {"trained": {"test": 0.66}, "random": {"test": 0.55}, "mfcc": {"test": 0.2}} for task in learning.TASKS}
+    margins = learning.score_margins(scores, {task: 100 for task in learning.TASKS})
+    assert abs(margins["instrument: trained >= 1.2 x random"]) < 1e-9  # 0.66 = 1.2 x 0.55: on the line
+    assert margins["key: trained >= mfcc"] > 2 and "instrument: trained >= mfcc" not in margins
+    scores["pitch"]["trained"]["test"] = 0.75
+    few = learning.score_margins(scores, {task: 50 for task in learning.TASKS})["pitch: trained >= 1.2 x random"]
+    many = learning.score_margins(scores, {task: 400 for task in learning.TASKS})["pitch: trained >= 1.2 x random"]
+    assert 0 < few < 2 < many  # the same gap is noise on 50 test clips and a result on 400
+    for task, splits in (("pitch", ["train", "test", "test"]), ("instrument", ["valid"]), ("key", ["test"])):
+        (tmp_path / "probe" / task).mkdir(parents=True)
+        (tmp_path / "probe" / task / "labels.jsonl").write_text("".join(json.dumps({"split": s}) + "\n" for s in splits))
+    assert learning.test_clips(str(tmp_path)) == {"pitch": 2, "instrument": 0, "key": 1}
