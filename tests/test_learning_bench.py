@@ -62,6 +62,10 @@ def test_score_margins_say_when_a_target_is_within_the_test_sets_noise(tmp_path)
     few = learning.score_margins(scores, {task: 50 for task in learning.TASKS})["pitch: trained >= 1.2 x random"]
     many = learning.score_margins(scores, {task: 400 for task in learning.TASKS})["pitch: trained >= 1.2 x random"]
     assert 0 < few < 2 < many  # the same gap is noise on 50 test clips and a result on 400
+    certain = {task: {"trained": {"test": 1.0}, "random": {"test": 0.0}, "mfcc": {"test": 0.0}} for task in learning.TASKS}
+    assert learning.score_margins(certain, {task: 10 for task in learning.TASKS})["key: trained >= mfcc"] == float("inf")
+    zeros = {task: {name: {"test": 0.0} for name in ("trained", "random", "mfcc")} for task in learning.TASKS}
+    assert learning.score_margins(zeros, {task: 10 for task in learning.TASKS})["pitch: trained >= mfcc"] == 0.0
     for task, splits in (("pitch", ["train", "test", "test"]), ("instrument", ["valid"]), ("key", ["test"])):
         (tmp_path / "probe" / task).mkdir(parents=True)
         (tmp_path / "probe" / task / "labels.jsonl").write_text("".join(json.dumps({"split": s}) + "\n" for s in splits))
