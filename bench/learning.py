@@ -138,10 +138,8 @@ def extract_all(work: str, run_dir: str) -> dict[str, dict[str, str]]:
     """Features of every task for every feature set; returns {task: {name: folder}}."""
     from dataclasses import asdict
 
-    from pretrain.config import from_yaml
-
     step = (read(os.path.join(run_dir, "status.json")) or {}).get("step")
-    config = from_yaml(open(os.path.join(run_dir, "config.yaml")).read())
+    config = run_config(run_dir)
     sources = {"trained": ["--ckpt", run_dir], "random": ["--random-init", os.path.join(run_dir, "config.yaml")],
                **{name: ["--baseline", name, "--pooling", "mean_std"] for name in BASELINES}}
     # the random init is the encoder config and seed's, whichever run (objective) it is read from
@@ -212,22 +210,25 @@ def clip_rank(folder: str) -> int:
     return effective_rank(torch.from_numpy(load_features(folder).x[:, -1]))
 
 
+# The score targets, (task, the feature set it is compared with, factor): trained >= factor x that set's score.
+SCORE_TARGETS = [(task, "random", 1.2) for task in TASKS] + [(task, "mfcc", 1.0) for task in ("pitch", "key")]
+
+
+def score_label(task: str, other: str, factor: float) -> str:
+    return f"{task}: trained >= {factor:g} x {other}" if factor != 1 else f"{task}: trained >= {other}"
+
+
 def targets(scores: dict, ranks: dict) -> list[tuple[str, bool]]:
-    checks = [(f"{task}: trained >= 1.2 x random", test(scores, task, "trained") >= 1.2 * test(scores, task, "random"))
-              for task in TASKS]
-    checks += [(f"{task}: trained >= mfcc", test(scores, task, "trained") >= test(scores, task, "mfcc"))
-               for task in ("pitch", "key")]
+    checks = [(score_label(task, other, factor), test(scores, task, "trained") >= factor * test(scores, task, other))
+              for task, other, factor in SCORE_TARGETS]
     return checks + [(f"{task}: effective rank trained >= random", ranks[task]["trained"] >= ranks[task]["random"])
                      for task in TASKS]
 
 
 def test_clips(work: str) -> dict[str, int]:
-    """Each probe task's number of test clips."""
-    counts = {}
-    for task in TASKS:
-        with open(os.path.join(work, "probe", task, "labels.jsonl")) as file:
-            counts[task] = sum(json.loads(line).get("split") == "test" for line in file if line.strip())
-    return counts
+    """Each probe task's number of test clips (the probe corpus's probe.json)."""
+    tasks = read(os.path.join(work, "probe", "probe.json"))["tasks"]
+    return {task: tasks[task]["splits"]["test"] for task in TASKS}
 
 
 def standard_error(score: float, clips: int) -> float:
@@ -246,13 +247,10 @@ def in_errors(difference: float, error: float) -> float:
 def score_margins(scores: dict, clips: dict[str, int]) -> dict[str, float]:
     """How far each score target passes (+) or fails (-), in standard errors of the compared difference."""
     margins = {}
-    for task in TASKS:
-        trained, random = test(scores, task, "trained"), test(scores, task, "random")
-        se_trained, se_random = standard_error(trained, clips[task]), standard_error(random, clips[task])
-        margins[f"{task}: trained >= 1.2 x random"] = in_errors(trained - 1.2 * random, math.hypot(se_trained, 1.2 * se_random))
-        if task in ("pitch", "key"):
-            mfcc = test(scores, task, "mfcc")
-            margins[f"{task}: trained >= mfcc"] = in_errors(trained - mfcc, math.hypot(se_trained, standard_error(mfcc, clips[task])))
+    for task, other, factor in SCORE_TARGETS:
+        trained, compared = test(scores, task, "trained"), test(scores, task, other)
+        error = math.hypot(standard_error(trained, clips[task]), factor * standard_error(compared, clips[task]))
+        margins[score_label(task, other, factor)] = in_errors(trained - factor * compared, error)
     return margins
 
 
@@ -284,11 +282,12 @@ def print_table(scores: dict, ranks: dict, clips: dict[str, int]) -> None:
           "score an\nupper bound); it leaves out the training seed, which can move a score by more.")
 
 
-def run_objective(run_dir: str) -> str:
-    """The objective.kind the run trained with (its config.yaml): with --run, --objective is not the run's."""
+def run_config(run_dir: str):
+    """The run's resolved config (its config.yaml)."""
     from pretrain.config import from_yaml
 
-    return from_yaml(open(os.path.join(run_dir, "config.yaml")).read()).objective.kind
+    with open(os.path.join(run_dir, "config.yaml")) as file:
+        return from_yaml(file.read())
 
 
 def training_summary(run_dir: str) -> dict:
@@ -397,7 +396,7 @@ def main(argv=None) -> None:
         margin = f"  ({margins[label]:+.1f} se{', within noise' if abs(margins[label]) < 2 else ''})" if label in margins else ""
         print(f"  {'PASS' if ok else 'FAIL'}  {label}{margin}")
     total = time.perf_counter() - started
-    results = {"config": args.config, "name": args.name, "objective": run_objective(run_dir), "teacher": args.teacher, "minutes": args.minutes,
+    results = {"config": args.config, "name": args.name, "objective": run_config(run_dir).objective.kind, "teacher": args.teacher, "minutes": args.minutes,
                "scale": args.scale, "overrides": args.overrides, "training": training, "scores": scores,
                "effective_rank": ranks, "targets": {label: ok for label, ok in checks}, "test_clips": clips,
                "margins_se": {label: round(m, 2) for label, m in margins.items()},

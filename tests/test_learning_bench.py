@@ -66,7 +66,7 @@ def test_score_margins_say_when_a_target_is_within_the_test_sets_noise(tmp_path)
     assert learning.score_margins(certain, {task: 10 for task in learning.TASKS})["key: trained >= mfcc"] == float("inf")
     zeros = {task: {name: {"test": 0.0} for name in ("trained", "random", "mfcc")} for task in learning.TASKS}
     assert learning.score_margins(zeros, {task: 10 for task in learning.TASKS})["pitch: trained >= mfcc"] == 0.0
-    for task, splits in (("pitch", ["train", "test", "test"]), ("instrument", ["valid"]), ("key", ["test"])):
-        (tmp_path / "probe" / task).mkdir(parents=True)
-        (tmp_path / "probe" / task / "labels.jsonl").write_text("".join(json.dumps({"split": s}) + "\n" for s in splits))
+    (tmp_path / "probe").mkdir()  # the counts data.demo --probe writes into probe.json
+    tasks = {task: {"splits": {"train": 9, "valid": 3, "test": test}} for task, test in zip(learning.TASKS, (2, 0, 1))}
+    (tmp_path / "probe" / "probe.json").write_text(json.dumps({"tasks": tasks}))
     assert learning.test_clips(str(tmp_path)) == {"pitch": 2, "instrument": 0, "key": 1}
