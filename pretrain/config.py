@@ -22,6 +22,7 @@ from pretrain.objectives.mert import ObjectiveConfig
 
 OBJECTIVE_KINDS = ("mert", "bestrq", "data2vec")  # pretrain/objectives' OBJECTIVES: name -> class
 SELF_TARGETED = ("bestrq", "data2vec")  # kinds that make their targets in the step: no data.labels
+TARGET_NORMS = ("instance", "batch", "both")  # objective.data2vec_target_norm
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,9 @@ def check_data2vec(cfg: RunConfig, where: str) -> None:
                           "positive smooth-L1 beta")
     if o.data2vec_ema_anneal_steps < 0:
         raise ConfigError(f"{where}: objective.data2vec_ema_anneal_steps must be at least 0 (0: train.steps)")
+    if o.data2vec_target_norm not in TARGET_NORMS:
+        raise ConfigError(f"{where}: objective.data2vec_target_norm={o.data2vec_target_norm!r}: use one of "
+                          f"{', '.join(TARGET_NORMS)}")
 
 
 def check_frame_geometry(cfg: RunConfig, where: str) -> None:

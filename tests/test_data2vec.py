@@ -1,7 +1,8 @@
 """data2vec / Music2Vec (pretrain/objectives/data2vec.py): the EMA teacher follows the student by the annealed decay, is fp32
-and outside the module tree, gives instance-normalised targets that padding does not change; a tiny model learns
-them; an end-to-end run with objective.kind=data2vec and no data.labels trains, checkpoints (with its teacher) and
-resumes exactly."""
+and outside the module tree, gives instance-normalised targets that padding does not change (with
+data2vec_target_norm=batch or both, targets that keep what is constant through a crop); a tiny model learns them; an
+end-to-end run with objective.kind=data2vec and no data.labels trains, checkpoints (with its teacher) and resumes
+exactly."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,8 @@ import torch
 
 from pretrain.checkpoint import parts_of, rank_file
 from pretrain.config import ConfigError, load_config
-from pretrain.objectives.data2vec import Data2VecObjective, ema_decay
+from pretrain.objectives.bestrq import normalise
+from pretrain.objectives.data2vec import Data2VecObjective, ema_decay, normalise_both, normalise_batch
 from pretrain.export import load_encoder
 from pretrain.model import Encoder
 from test_bestrq import music
@@ -98,6 +100,27 @@ def test_targets_are_instance_normalised_over_real_frames_and_padding_changes_no
     assert torch.allclose(alone_targets[0, :real], targets[1, :real], atol=1e-4)
 
 
+def test_batch_norm_targets_keep_what_is_constant_through_a_crop_and_ignore_padding():
+    feats = torch.randn(3, 20, 4, generator=torch.Generator().manual_seed(0))
+    feats[1] += 5.0  # crop 1 sits apart through all of its frames (a timbre, say)
+    real = torch.ones(3, 20, dtype=torch.bool)
+    real[2, 15:] = False
+    feats[2, 15:] = 1e6  # padding
+    batch = normalise_batch(feats, real)
+    assert torch.allclose(batch[real].mean(0), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(batch[real].std(0, unbiased=False), torch.ones(4), atol=1e-4)
+    assert (batch[2, 15:] == 0).all()
+    assert (batch[1].mean(0) - batch[0].mean(0)).min() > 1.5  # crop 1's offset survives, in std units
+    instance = normalise(feats, real)
+    assert instance[1].mean(0).abs().max() < 1e-5  # the instance norm takes it away
+    assert torch.allclose(normalise_both(feats, real), (instance + batch) / 2)  # "both": half of the offset
+    model = objective(cfg=dataclasses.replace(CFG, data2vec_target_norm="batch")).eval()
+    audio, lengths = music(items=2), torch.full((2,), 48000)
+    out = model.encoder(audio, lengths)
+    targets = model.targets(out["projected"], out["padding"], audio, lengths)
+    assert targets.flatten(0, 1).mean(0).abs().max() < 1e-4 and targets[0].mean(0).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("ema_all", [True, False])
 def test_a_tiny_model_learns_the_targets(ema_all):
     torch.manual_seed(0)
@@ -148,6 +171,9 @@ def test_labels_and_impossible_settings_are_refused():
     with pytest.raises(ConfigError, match="data2vec_ema_decay=1.5"):
         load_config("configs/tiny.yaml", base + ["data.labels=[]", "objective.data2vec_top_k=2",
                                                  "objective.data2vec_ema_decay=1.5"])
+    with pytest.raises(ConfigError, match="data2vec_target_norm='layer'.*instance, batch, both"):
+        load_config("configs/tiny.yaml", base + ["data.labels=[]", "objective.data2vec_top_k=2",
+                                                 "objective.data2vec_target_norm=layer"])
 
 
 def data2vec_command(shards: str, run_dir, *extra) -> list[str]:

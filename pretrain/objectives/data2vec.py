@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.objectives.bestrq import normalise
+from pretrain.objectives.bestrq import NORM_FLOOR, normalise
 from pretrain.model import Encoder
 from pretrain.objectives.mert import Objective, ObjectiveConfig
 
@@ -93,7 +93,8 @@ class Data2VecObjective(Objective):
     @torch.no_grad()
     def targets(self, projected: torch.Tensor, padding: torch.Tensor | None, audio: torch.Tensor,
                 lengths: torch.Tensor) -> torch.Tensor:
-        """The teacher's average of its top-k instance-normalised feed-forward outputs [B, T, D] (fp32): of the
+        """The teacher's average of its top-k feed-forward outputs [B, T, D] (fp32), each normalised as
+        data2vec_target_norm says (default: instance norm over the crop's real frames): of the
         student's unmasked projected frames, with the student's current positional conv; with data2vec_ema_all,
         of the clean audio through the whole teacher."""
         teacher = self.teacher
@@ -107,7 +108,8 @@ class Data2VecObjective(Objective):
             else:
                 teacher.positions.load_state_dict(self.encoder.positions.state_dict())  # not an EMA: the student's
                 ffns = teacher.contextualise(projected.detach().float(), padding, all_layers=True)["ffn"]
-        top = [normalise(ffn.float(), real) for ffn in ffns[-self.cfg.data2vec_top_k:]]
+        norm = TARGET_NORMS[self.cfg.data2vec_target_norm]
+        top = [norm(ffn.float(), real) for ffn in ffns[-self.cfg.data2vec_top_k:]]
         return sum(top) / len(top)
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor, labels: dict[str, torch.Tensor],
@@ -127,6 +129,25 @@ class Data2VecObjective(Objective):
         logs.update({f"loss/{STREAM}": regression.detach(), "var/target": spread(target),
                      "var/prediction": spread(prediction.detach())})
         return self.finish(loss + regression, logs, audio, step)
+
+
+def normalise_batch(feats: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Per feature, mean 0 and std 1 over all real frames of the batch ([B, T, D], real [B, T] bool): unlike the
+    instance norm, what is constant through one crop but differs between crops stays in the targets."""
+    weight = real.to(feats.dtype)[..., None]
+    count = weight.sum((0, 1), keepdim=True).clamp(min=1.0)
+    mean = (feats * weight).sum((0, 1), keepdim=True) / count
+    var = ((feats - mean).square() * weight).sum((0, 1), keepdim=True) / count
+    return (feats - mean) / var.sqrt().clamp(min=NORM_FLOOR) * weight
+
+
+def normalise_both(feats: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The mean of the instance and the batch norm: each frame relative to its crop, plus half of the crop's
+    standardised offset from the batch."""
+    return (normalise(feats, real) + normalise_batch(feats, real)) / 2
+
+
+TARGET_NORMS = {"instance": normalise, "batch": normalise_batch, "both": normalise_both}  # data2vec_target_norm
 
 
 class TeacherState:

@@ -59,6 +59,10 @@ class ObjectiveConfig:
     data2vec_ema_all: bool = True  # the teacher is the EMA of the whole encoder, conv extractor included, reading
     # the clean audio (fairseq: ema_transformer_only=false). false: fairseq's default, an EMA of the blocks fed the
     # student's conv features, which the student can then reshape to make its targets easy (README: data2vec)
+    data2vec_target_norm: str = "instance"  # each teacher layer before the average: "instance" (data2vec: per crop
+    # and dimension over time, which removes whatever is constant through a crop, its timbre among it) or "batch"
+    # (per dimension over all real frames of the batch: a crop's constant part stays in its targets) or "both"
+    # (the mean of the two)
 
 
 def span_mask(valid: torch.Tensor, total: int, prob: float, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
