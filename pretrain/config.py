@@ -22,7 +22,7 @@ from pretrain.objectives.mert import ObjectiveConfig
 
 OBJECTIVE_KINDS = ("mert", "bestrq", "data2vec")  # pretrain/objectives' OBJECTIVES: name -> class
 SELF_TARGETED = ("bestrq", "data2vec")  # kinds that make their targets in the step: no data.labels
-TARGET_NORMS = ("instance", "batch", "both")  # objective.data2vec_target_norm
+TARGET_NORMS = ("instance", "batch", "both")  # objective.data2vec_target_norm: data2vec.TARGET_NORMS' names
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ def check(cfg: RunConfig, where: str) -> None:
                "train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
                "optim.decay": (cfg.optim.decay, ("poly", "cosine")),
                "train.zero_stage": (cfg.train.zero_stage, (0, 1, 2)),
-               "model.conv_norm": (cfg.model.conv_norm, ("group", "layer"))}
+               "model.conv_norm": (cfg.model.conv_norm, ("group", "layer")),
+               "objective.data2vec_target_norm": (cfg.objective.data2vec_target_norm, TARGET_NORMS)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{where}: {key}={value!r}; use one of {allowed}")
@@ -185,9 +186,6 @@ def check_data2vec(cfg: RunConfig, where: str) -> None:
                           "positive smooth-L1 beta")
     if o.data2vec_ema_anneal_steps < 0:
         raise ConfigError(f"{where}: objective.data2vec_ema_anneal_steps must be at least 0 (0: train.steps)")
-    if o.data2vec_target_norm not in TARGET_NORMS:
-        raise ConfigError(f"{where}: objective.data2vec_target_norm={o.data2vec_target_norm!r}: use one of "
-                          f"{', '.join(TARGET_NORMS)}")
 
 
 def check_frame_geometry(cfg: RunConfig, where: str) -> None:

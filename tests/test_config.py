@@ -76,8 +76,10 @@ def test_bad_bestrq_settings_name_the_key(overrides, words):
         load_config("configs/bestrq_95m.yaml", ["data.shards=/data/shards", *overrides])
 
 
-def test_every_objective_kind_has_a_class():
-    from pretrain.config import OBJECTIVE_KINDS
+def test_every_objective_kind_has_a_class_and_every_target_norm_a_function():
+    from pretrain.config import OBJECTIVE_KINDS, TARGET_NORMS
     from pretrain.objectives import OBJECTIVES
+    from pretrain.objectives.data2vec import TARGET_NORMS as NORM_FUNCTIONS
 
     assert tuple(OBJECTIVES) == OBJECTIVE_KINDS
+    assert tuple(NORM_FUNCTIONS) == TARGET_NORMS

@@ -38,8 +38,9 @@ STREAM = "bestrq"  # the logs' name: loss/bestrq_N, acc/bestrq_N
 NORM_FLOOR = 1e-3  # std floor of the instance norm, in natural-log units: a constant bin (silence) maps to 0
 
 
-def normalise(feats: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Per item and feature, mean 0 and std 1 over the real frames ([B, T, D], real [B, T] bool).
+def normalise(feats: torch.Tensor, real: torch.Tensor, dims: tuple[int, ...] = (1,)) -> torch.Tensor:
+    """Per item and feature, mean 0 and std 1 over the real frames ([B, T, D], real [B, T] bool); padded frames
+    become 0. `dims` are the ones reduced over: (1,) time, per item (the instance norm); (0, 1) the whole batch.
 
     Why per crop (instance norm) and not corpus statistics: it needs no pass over the data, is a pure function
     of the crop (deterministic, the same on every rank and after a resume), and takes away what a random
@@ -47,9 +48,9 @@ def normalise(feats: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     which would put most frames on a few codes). Its cost: codes describe each frame relative to its crop's
     average spectrum, so the same audio frame can get another code in another crop of the same track."""
     weight = real.to(feats.dtype)[..., None]
-    count = weight.sum(1, keepdim=True).clamp(min=1.0)
-    mean = (feats * weight).sum(1, keepdim=True) / count
-    var = ((feats - mean).square() * weight).sum(1, keepdim=True) / count
+    count = weight.sum(dims, keepdim=True).clamp(min=1.0)
+    mean = (feats * weight).sum(dims, keepdim=True) / count
+    var = ((feats - mean).square() * weight).sum(dims, keepdim=True) / count
     return (feats - mean) / var.sqrt().clamp(min=NORM_FLOOR) * weight
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.objectives.bestrq import NORM_FLOOR, normalise
+from pretrain.objectives.bestrq import normalise
 from pretrain.model import Encoder
 from pretrain.objectives.mert import Objective, ObjectiveConfig
 
@@ -134,11 +134,7 @@ class Data2VecObjective(Objective):
 def normalise_batch(feats: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """Per feature, mean 0 and std 1 over all real frames of the batch ([B, T, D], real [B, T] bool): unlike the
     instance norm, what is constant through one crop but differs between crops stays in the targets."""
-    weight = real.to(feats.dtype)[..., None]
-    count = weight.sum((0, 1), keepdim=True).clamp(min=1.0)
-    mean = (feats * weight).sum((0, 1), keepdim=True) / count
-    var = ((feats - mean).square() * weight).sum((0, 1), keepdim=True) / count
-    return (feats - mean) / var.sqrt().clamp(min=NORM_FLOOR) * weight
+    return normalise(feats, real, dims=(0, 1))
 
 
 def normalise_both(feats: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
