@@ -39,8 +39,8 @@ NORM_FLOOR = 1e-3  # std floor of the instance norm, in natural-log units: a con
 
 
 def normalise(feats: torch.Tensor, real: torch.Tensor, dims: tuple[int, ...] = (1,)) -> torch.Tensor:
-    """Per item and feature, mean 0 and std 1 over the real frames ([B, T, D], real [B, T] bool); padded frames
-    become 0. `dims` are the ones reduced over: (1,) time, per item (the instance norm); (0, 1) the whole batch.
+    """Mean 0 and std 1 per feature over the real frames ([B, T, D], real [B, T] bool); padded frames become 0.
+    `dims` are the ones reduced over: (1,) time, per item (the instance norm); (0, 1) the whole batch.
 
     Why per crop (instance norm) and not corpus statistics: it needs no pass over the data, is a pure function
     of the crop (deterministic, the same on every rank and after a resume), and takes away what a random
