@@ -52,9 +52,9 @@ class TrainConfig:
     log_every: int = 100
     save_every: int = 2000  # steps; also on SIGTERM / SIGUSR1
     keep: int = 3  # newest checkpoints kept
-    max_nonfinite: int = 20  # consecutive skipped steps (non-finite loss, or fp16 overflow at the floor) before stopping
+    max_nonfinite: int = 20  # consecutive skipped updates (a non-finite loss on any rank) before stopping
     initial_scale_power: int = 16  # fp16: the loss scale starts at 2 ** this
-    min_loss_scale: float = 1.0  # fp16: overflows at this scale count towards max_nonfinite
+    min_loss_scale: float = 1.0  # fp16: the dynamic loss scale's floor; overflowing at it stops the run
     peak_tflops: float = 0.0  # per device, for MFU; 0: from the GPU's name (none on CPU)
     force_resume: bool = False  # resume even where the saved config differs in a way that matters
     restart: bool = False  # when the run holds checkpoints and none loads: move them (and the logs) to previous/ and

@@ -97,6 +97,27 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, compile_backend: str = 
     return engine
 
 
+def skipped_update(engine) -> None:
+    """The accumulation boundary's `engine.step()` without an update (an update with a non-finite loss): DeepSpeed
+    counts the micro-batch and clears the gradients, while the weights, the optimizer's state, the schedule and
+    DeepSpeed's skip counter stay as they were. Torch's optimizer inside DeepSpeed's wrappers (ZeRO, bf16, fp16)
+    has its `step` shadowed for the call; where DeepSpeed itself finds the gradients non-finite (ZeRO 1-3 in fp32
+    or fp16) it skips on its own and lowers an fp16 loss scale, as on any overflow."""
+    optimizer = engine.optimizer
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    schedule, skipped = engine.lr_scheduler.state_dict(), engine.skipped_steps
+    optimizer.step = lambda closure=None: None
+    try:
+        engine.step()
+    finally:
+        del optimizer.step
+    engine.lr_scheduler.load_state_dict(schedule)
+    for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    engine.skipped_steps = skipped
+
+
 def graph_breaks() -> dict:
     """Dynamo's graph breaks in this process since `torch._dynamo.reset()` / counters.clear():
     {"count": n, "graphs": graphs compiled, "reasons": {short reason: count}}."""

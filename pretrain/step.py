@@ -1,15 +1,20 @@
 """One optimizer update: the piece of the trainer a profiler trace is read against.
 
     step = TrainStep(cfg, engine, device, rank, world, generator, progress, interval, samples_log)
-    step(batches)        # train.grad_accum micro-batches with a finite loss; progress.step += 1
+    step(batches)        # train.grad_accum micro-batches, then the update; progress.step += 1
 
 A micro-batch goes through the phases of `micro_step`, each a named range in
 a torch.profiler trace (`record_function`): host-to-device copy, forward
-(mixup, masks and the encoder inside the objective), the all-ranks agreement
-on a non-finite loss and on stop signals, backward, and the optimizer step
-(DeepSpeed applies it at the train.grad_accum boundary, clipping included).
-A batch whose loss is non-finite on any rank is skipped by every rank;
-train.max_nonfinite of them in a row stop the run.
+(mixup, masks and the encoder inside the objective), backward, and
+DeepSpeed's step (which counts micro-batches and, at the train.grad_accum
+boundary, applies the update, clipping included). Nothing in a micro-step
+waits for the device: whether a loss was non-finite is kept on the device,
+and all ranks agree on it and on stop signals once per update, before the
+boundary's step ("agree", the step's one host sync). An update with a
+non-finite loss on any rank is skipped by every rank (weights, optimizer
+state and schedule stay as they were; its batches are spent) and tried
+again with the next batches; train.max_nonfinite skipped updates in a row
+stop the run.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from data.logs import logger
 from data.stream import to_device
 from pretrain import faults
 from pretrain.config import RunConfig
+from pretrain.engine import skipped_update
 from pretrain.metrics import Interval, Metrics
 from pretrain.model import layerdrop_choice
 
@@ -68,36 +74,52 @@ class TrainStep:
         self.stop_signal, self.stop_agreed, self.consecutive_nonfinite = 0, False, 0  # signal seen here / by all ranks
 
     def __call__(self, batches) -> None:
-        """One optimizer update: train.grad_accum micro-batches with a finite loss."""
-        done = 0
-        while done < self.cfg.train.grad_accum:
-            with record_function("data"), self.interval.waiting():
-                batch = next(batches)
-            done += self.micro_step(batch, done)
+        """One optimizer update of train.grad_accum micro-batches whose losses are finite on every rank."""
+        while not self.update(batches):
+            pass
         self.progress.step += 1
         after_update = getattr(self.engine.module, "after_update", None)  # data2vec: its EMA teacher follows
         if after_update is not None:
             after_update(self.progress.step, self.cfg.train.steps)
 
-    def micro_step(self, batch: dict, micro: int) -> bool:
-        """Forward and, when every rank's loss is finite, backward and the engine's step; False: skipped."""
+    def update(self, batches) -> bool:
+        """train.grad_accum micro-batches and the update; False: a loss was non-finite on some rank, skipped."""
+        accum = self.cfg.train.grad_accum
+        nonfinite = torch.zeros(accum, device=self.device)  # per micro-batch on this rank, kept on the device
+        trained = []
+        for micro in range(accum):
+            with record_function("data"), self.interval.waiting():
+                batch = next(batches)
+            nonfinite[micro], logs = self.micro_step(batch, micro, last=micro == accum - 1)
+            trained.append((batch, logs))
+        with record_function("agree"):
+            here, anywhere = self.agree(nonfinite)
+        if anywhere:
+            self.skip_nonfinite(here, [batch for batch, _ in trained])
+        else:
+            self.consecutive_nonfinite = 0
+        with record_function("optimizer"):
+            self.engine_step(skip=anywhere)
+        if anywhere:
+            return False
+        for batch, logs in trained:
+            self.count(batch, logs)
+        return True
+
+    def micro_step(self, batch: dict, micro: int, last: bool) -> tuple[torch.Tensor, dict]:
+        """Forward, backward and (but for the update's last micro-batch) DeepSpeed's step; returns whether the
+        loss was non-finite (a device scalar) and the logs."""
         with record_function("to_device"):
             audio, labels = to_device(batch, self.device)  # lengths stay on the host
         with record_function("forward"):
             loss, logs = self.forward(audio, batch["lengths"], labels, micro)
         self.log_samples(batch)
-        with record_function("agree"):
-            finite = self.agree_finite(loss)
-        if not finite:
-            self.skip_nonfinite(batch)
-            return False
-        self.consecutive_nonfinite = 0
         with record_function("backward"):
             self.engine.backward(loss)
-        with record_function("optimizer"):
-            self.engine_step()
-        self.count(batch, logs)
-        return True
+        if not last:
+            with record_function("optimizer"):
+                self.engine_step()  # only DeepSpeed's micro-batch count: no update before the boundary
+        return (~torch.isfinite(loss.detach())).float(), logs
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor, labels: dict, micro: int):
         step = self.progress.step
@@ -112,29 +134,36 @@ class TrainStep:
                 file.write(json.dumps({"step": self.progress.step + 1, "keys": batch["keys"],
                                        "offsets": batch["offsets"].tolist()}) + "\n")
 
-    def agree_finite(self, loss: torch.Tensor) -> bool:
-        """All ranks learn whether any loss is non-finite and whether a stop signal arrived (one small all-reduce)."""
-        flags = torch.stack([(~torch.isfinite(loss.detach())).float(), torch.tensor(float(self.stop_signal), device=loss.device)])
+    def agree(self, nonfinite: torch.Tensor) -> tuple[list[int], bool]:
+        """All ranks learn whether any loss of the update was non-finite and whether a stop signal arrived (one
+        small all-reduce and the update's one host sync); returns this rank's non-finite micro-batches and
+        whether any rank had one."""
+        flags = torch.cat([nonfinite.amax().reshape(1), torch.tensor([float(self.stop_signal)], device=self.device)])
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        nonfinite, stop = flags.tolist()
+        *here, anywhere, stop = torch.cat([nonfinite, flags]).tolist()
         self.stop_agreed = self.stop_agreed or bool(stop)
-        return not nonfinite
+        return [micro for micro, flag in enumerate(here) if flag], bool(anywhere)
 
-    def skip_nonfinite(self, batch: dict) -> None:
+    def skip_nonfinite(self, here: list[int], batches: list[dict]) -> None:
         self.progress.nonfinite += 1
         self.consecutive_nonfinite += 1
         step = self.progress.step + 1
-        log.warning("step %d: non-finite loss, batch skipped (keys %s)", step, batch["keys"])
+        where = "on another rank"
+        if here:
+            keys = [key for micro in here for key in batches[micro]["keys"]]
+            where = f"rank {self.rank}, micro-batch {', '.join(str(m + 1) for m in here)} of {len(batches)}, keys {keys}"
+        log.warning("step %d: non-finite loss (%s); update skipped on every rank", step, where)
         if self.consecutive_nonfinite >= self.cfg.train.max_nonfinite:
             raise TrainingError(
-                f"step {step}: {self.consecutive_nonfinite} batches in a row gave a non-finite loss "
-                f"(last batch on rank {self.rank}: {batch['keys']}). Lower optim.lr, use train.precision=bf16 or "
-                f"model.attention_relax=32, and resume from the last checkpoint in {self.cfg.train.run_dir}.")
+                f"step {step}: {self.consecutive_nonfinite} updates in a row had a non-finite loss (the last: {where}). "
+                f"Lower optim.lr, use train.precision=bf16 or model.attention_relax=32, and resume from the last "
+                f"checkpoint in {self.cfg.train.run_dir}.")
 
-    def engine_step(self) -> None:
+    def engine_step(self, skip: bool = False) -> None:
+        """DeepSpeed's step; `skip`: at the boundary, without an update (engine.skipped_update)."""
         try:
-            self.engine.step()
+            skipped_update(self.engine) if skip else self.engine.step()
         except Exception as error:
             if "loss scale" not in str(error).lower():
                 raise

@@ -185,17 +185,21 @@ def test_sigkill_at_random_moments_then_the_run_ends_as_the_uninterrupted_one(da
 
 
 @pytest.mark.slow
-def test_a_nonfinite_loss_on_one_rank_skips_the_batch_on_every_rank_and_is_counted(data, tmp_path):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_nonfinite_loss_on_one_rank_skips_the_update_on_every_rank_and_is_counted(data, tmp_path, accum):
     run_dir = tmp_path / "run"
     env = {**ENV, "MUSICPT_FAULTS": "nonfinite@1:3"}
-    done = subprocess.run(command(data, run_dir, "train.steps=4", "train.log_samples=true", procs=2), cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command(data, run_dir, "train.steps=4", "train.log_samples=true", f"train.grad_accum={accum}",
+                                  procs=2), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 1 WARNING musicpt.pretrain.train: step 3: non-finite loss, batch skipped" in done.stderr
+    assert (f"rank 1 WARNING musicpt.pretrain.train: step 3: non-finite loss (rank 1, micro-batch 1 of {accum}, keys ['"
+            in done.stderr), done.stderr[-3000:]
+    assert ("rank 0 WARNING musicpt.pretrain.train: step 3: non-finite loss (on another rank); update skipped on every "
+            "rank") in done.stderr
     rows = metrics(run_dir)
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1] and all(r["loss"] == r["loss"] for r in rows)
-    for rank in (0, 1):  # both ranks drew a second batch for step 3: the first was dropped on both
-        assert [r["step"] for r in samples(run_dir, rank)] == [1, 2, 3, 3, 4]
+    for rank in (0, 1):  # both ranks drew the batches of a second update for step 3: the first was dropped on both
+        assert [r["step"] for r in samples(run_dir, rank)] == [step for step in (1, 2, 3, 3, 4) for _ in range(accum)]
 
 
 @pytest.mark.slow
@@ -205,7 +209,8 @@ def test_max_nonfinite_in_a_row_stops_the_run_naming_the_step_and_the_keys(data,
     done = subprocess.run(command(data, run_dir, "train.steps=4", "train.max_nonfinite=3"), cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
-    assert "step 2: 3 batches in a row gave a non-finite loss (last batch on rank 0: [" in done.stderr, done.stderr
+    assert "step 2: 3 updates in a row had a non-finite loss (the last: rank 0, micro-batch 1 of 1, keys ['" in \
+        done.stderr, done.stderr
     assert "resume from the last checkpoint" in done.stderr
 
 
