@@ -84,29 +84,28 @@ class TrainStep:
 
     def update(self, batches) -> bool:
         """train.grad_accum micro-batches and the update; False: a loss was non-finite on some rank, skipped."""
-        accum = self.cfg.train.grad_accum
-        nonfinite = torch.zeros(accum, device=self.device)  # per micro-batch on this rank, kept on the device
-        trained = []
-        for micro in range(accum):
+        nonfinite = torch.zeros(self.cfg.train.grad_accum, device=self.device)  # per micro-batch, on the device
+        done = []
+        for micro in range(self.cfg.train.grad_accum):
             with record_function("data"), self.interval.waiting():
                 batch = next(batches)
-            nonfinite[micro], logs = self.micro_step(batch, micro, last=micro == accum - 1)
-            trained.append((batch, logs))
+            nonfinite[micro], logs = self.micro_step(batch, micro)
+            done.append((batch, logs))
         with record_function("agree"):
             here, anywhere = self.agree(nonfinite)
         if anywhere:
-            self.skip_nonfinite(here, [batch for batch, _ in trained])
-        else:
-            self.consecutive_nonfinite = 0
-        with record_function("optimizer"):
-            self.engine_step(skip=anywhere)
-        if anywhere:
+            self.skip_nonfinite(here, [batch for batch, _ in done])
+            with record_function("optimizer"):
+                self.engine_step(skip=True)
             return False
-        for batch, logs in trained:
+        self.consecutive_nonfinite = 0
+        with record_function("optimizer"):
+            self.engine_step()
+        for batch, logs in done:
             self.count(batch, logs)
         return True
 
-    def micro_step(self, batch: dict, micro: int, last: bool) -> tuple[torch.Tensor, dict]:
+    def micro_step(self, batch: dict, micro: int) -> tuple[torch.Tensor, dict]:
         """Forward, backward and (but for the update's last micro-batch) DeepSpeed's step; returns whether the
         loss was non-finite (a device scalar) and the logs."""
         with record_function("to_device"):
@@ -116,7 +115,7 @@ class TrainStep:
         self.log_samples(batch)
         with record_function("backward"):
             self.engine.backward(loss)
-        if not last:
+        if micro < self.cfg.train.grad_accum - 1:
             with record_function("optimizer"):
                 self.engine_step()  # only DeepSpeed's micro-batch count: no update before the boundary
         return (~torch.isfinite(loss.detach())).float(), logs
