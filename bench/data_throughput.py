@@ -1,15 +1,15 @@
-"""Loader throughput against raw soundfile FLAC decoding of the same shards, on this machine.
+"""Loader throughput over FLAC and WAV shards against raw soundfile FLAC decoding of the same audio.
 
-    python bench/data_throughput.py [--shards DIR] [--minutes 10] [--workers 1] [--batches 60]
+    python bench/data_throughput.py [--shards DIR [DIR ...]] [--codecs flac wav] [--minutes 10] [--workers 1]
 
-Without --shards it generates the demo corpus and shards it in a temporary
-folder first. It prints, in audio-seconds per second per core:
-  raw      soundfile decoding every segment's FLAC whole, bytes already in memory (one core)
+Without --shards it generates the demo corpus and shards it once per codec (`data.shards build --codec`) in
+a temporary folder. It prints, in audio-seconds per second per core:
+  raw      soundfile decoding every segment's FLAC whole, bytes already in memory (one core): the peer
   naive    the webdataset library pipeline: read tar, decode whole FLAC, crop (one core)
-  loader   data.stream.AudioLoader: read tar, shuffle, decode only the crop, batch (per worker)
-and the ratio loader / raw (target >= 0.7), as medians of per-round ratios
-(rounds are interleaved because CPU speed on shared machines drifts). The loader delivers crops, so it
-decodes less than it reads: that is the point of seeking inside the FLAC.
+  loader   data.stream.AudioLoader per shard set: read tar, shuffle, read only the crop, batch (per worker)
+the ratio loader / raw for each shard set (targets: >= 0.9 at 5 s crops) and each set's bytes per audio-second,
+as medians of per-round ratios (rounds are interleaved because CPU speed on shared machines drifts). The loader
+delivers crops, so it decodes less than it reads: that is the point of seeking inside the member.
 """
 from __future__ import annotations
 
@@ -31,15 +31,16 @@ import webdataset as wds  # noqa: E402
 
 from data import demo  # noqa: E402
 from data.audio import SAMPLE_RATE  # noqa: E402
-from data.shards import ShardConfig, build  # noqa: E402
-from data.stream import AudioLoader, StreamConfig, choose_offset
+from data.index import read_index  # noqa: E402
+from data.shards import AUDIO_PARTS, ShardConfig, audio_part, build  # noqa: E402
+from data.stream import AudioLoader, StreamConfig, choose_offset  # noqa: E402
 from data.tar import read_samples  # noqa: E402
 
 
-def raw_decode_rate(flacs: list[bytes]) -> float:
+def raw_decode_rate(encoded: list[bytes]) -> float:
     started, seconds = time.perf_counter(), 0.0
-    for flac in flacs:
-        audio, _ = sf.read(io.BytesIO(flac), dtype="float32")
+    for member in encoded:
+        audio, _ = sf.read(io.BytesIO(member), dtype="float32")
         seconds += len(audio) / SAMPLE_RATE
     return seconds / (time.perf_counter() - started)
 
@@ -48,7 +49,7 @@ def naive_rate(paths: list[str], crop_seconds: float, rng: np.random.Generator) 
     crop = int(crop_seconds * SAMPLE_RATE)
     started, seconds = time.perf_counter(), 0.0
     for sample in wds.WebDataset(paths, shardshuffle=False, empty_check=False):
-        audio, _ = sf.read(io.BytesIO(sample["flac"]), dtype="float32")
+        audio, _ = sf.read(io.BytesIO(audio_part(sample)), dtype="float32")
         offset = choose_offset(len(audio), crop, rng)
         seconds += len(audio[offset:offset + crop]) / SAMPLE_RATE
     return seconds / (time.perf_counter() - started)
@@ -63,16 +64,28 @@ def loader_rate(batches, count: int, workers: int, prefetched: int) -> float:
     return seconds / (time.perf_counter() - started) / max(workers, 1)
 
 
-def make_shards(tmp: str, minutes: float) -> str:
+def make_shards(tmp: str, minutes: float, codecs: list[str]) -> list[str]:
     demo.generate(os.path.join(tmp, "demo"), minutes=minutes, seed=0)
-    out = os.path.join(tmp, "shards")
-    build(os.path.join(tmp, "demo", "audio"), out, ShardConfig(shard_bytes=8 * 2**20), workers=2)
-    return out
+    folders = [os.path.join(tmp, f"shards-{codec}") for codec in codecs]
+    for codec, out in zip(codecs, folders):
+        build(os.path.join(tmp, "demo", "audio"), out, ShardConfig(shard_bytes=8 * 2**20, codec=codec), workers=2)
+    return folders
+
+
+def shard_set(folder: str) -> dict:
+    """A shard folder's tar paths, codec, audio members (bytes) and bytes per audio-second."""
+    paths = sorted(glob.glob(os.path.join(folder, "shard-*.tar")))
+    members = [(ext, parts[ext]) for p in paths for _, _, _, parts in read_samples(p) for ext in AUDIO_PARTS if ext in parts]
+    hours = read_index(folder)["hours"]
+    return {"folder": folder, "paths": paths, "codec": members[0][0], "members": [m for _, m in members],
+            "bytes_per_second": sum(os.path.getsize(p) for p in paths) / (hours * 3600)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shards", help="existing shard folder (default: build one from the demo corpus)")
+    parser.add_argument("--shards", nargs="+", help="existing shard folders (default: build them from the demo corpus)")
+    parser.add_argument("--codecs", nargs="+", choices=AUDIO_PARTS, default=list(AUDIO_PARTS),
+                        help="codecs of the shard sets built without --shards")
     parser.add_argument("--minutes", type=float, default=10.0, help="demo corpus size when --shards is not given")
     parser.add_argument("--workers", type=int, default=1, help="loader worker processes")
     parser.add_argument("--batches", type=int, default=30, help="loader batches per round")
@@ -81,28 +94,34 @@ def main() -> None:
     parser.add_argument("--crop-seconds", type=float, default=5.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rates = {"raw": [], "naive": [], "loader": []}
     with tempfile.TemporaryDirectory() as tmp:
-        shards = args.shards or make_shards(tmp, args.minutes)
-        paths = sorted(glob.glob(os.path.join(shards, "shard-*.tar")))
-        flacs = [parts["flac"] for p in paths for _, _, _, parts in read_samples(p)]
-        cfg = StreamConfig(shards, crop_seconds=args.crop_seconds, batch_size=args.batch_size,
-                           num_workers=args.workers, shuffle_buffer=64, prefetch_factor=4)
-        batches = iter(AudioLoader(cfg, rank=0, world=1))
-        next(batches)  # worker start-up is not throughput
+        sets = [shard_set(f) for f in (args.shards or make_shards(tmp, args.minutes, args.codecs))]
+        peer = next((s for s in sets if s["codec"] == "flac"), sets[0])  # raw whole-member decode of this set
+        loaders = []
+        for s in sets:
+            cfg = StreamConfig(s["folder"], crop_seconds=args.crop_seconds, batch_size=args.batch_size,
+                               num_workers=args.workers, shuffle_buffer=64, prefetch_factor=4)
+            loaders.append((iter(AudioLoader(cfg, rank=0, world=1)), cfg.prefetch_factor))
+            next(loaders[-1][0])  # worker start-up is not throughput
         rng = np.random.default_rng(0)
-        for _ in range(args.rounds):  # interleaved: a noisy neighbour slows all three alike
-            rates["raw"].append(raw_decode_rate(flacs))
-            rates["naive"].append(naive_rate(paths, args.crop_seconds, rng))
-            rates["loader"].append(loader_rate(batches, args.batches, args.workers, args.workers * cfg.prefetch_factor))
-    raw, naive, loader = (np.array(rates[k]) for k in ("raw", "naive", "loader"))
-    print(f"cores: {os.cpu_count()}, loader workers: {args.workers}, crop {args.crop_seconds} s, batch {args.batch_size}")
-    print(f"raw soundfile FLAC decode : {np.median(raw):8.0f} audio-s/s per core")
-    print(f"naive webdataset pipeline : {np.median(naive):8.0f} audio-s/s per core (delivered crops)")
-    print(f"data.stream.AudioLoader   : {np.median(loader):8.0f} audio-s/s per worker (delivered crops)")
-    print(f"ratio loader / raw decode : {np.median(loader / raw):.2f}  (median of {args.rounds} rounds; target >= 0.70)")
-    print(f"ratio loader / naive      : {np.median(loader / naive):.2f}")
-    print("per-round loader / raw    :", " ".join(f"{r:.2f}" for r in loader / raw))
+        rates = {"raw": [], "naive": [], **{s["folder"]: [] for s in sets}}
+        for _ in range(args.rounds):  # interleaved: a noisy neighbour slows them all alike
+            rates["raw"].append(raw_decode_rate(peer["members"]))
+            rates["naive"].append(naive_rate(peer["paths"], args.crop_seconds, rng))
+            for s, (batches, prefetch) in zip(sets, loaders):
+                rates[s["folder"]].append(loader_rate(batches, args.batches, args.workers, args.workers * prefetch))
+    raw, naive = np.array(rates["raw"]), np.array(rates["naive"])
+    print(f"cores: {os.cpu_count()}, loader workers: {args.workers}, crop {args.crop_seconds} s, batch {args.batch_size}, "
+          f"{args.rounds} rounds (medians)")
+    print(f"raw soundfile {peer['codec'].upper()} decode{'':<9}: {np.median(raw):8.0f} audio-s/s per core")
+    print(f"naive webdataset pipeline ({peer['codec']:<4}) : {np.median(naive):8.0f} audio-s/s per core (delivered crops)")
+    for s in sets:
+        loader = np.array(rates[s["folder"]])
+        print(f"AudioLoader over {s['codec']:<4} shards   : {np.median(loader):8.0f} audio-s/s per worker (delivered crops); "
+              f"{s['bytes_per_second'] / 1000:.1f} kB per audio-second on disk")
+        print(f"  ratio to raw {peer['codec']} decode     : {np.median(loader / raw):.2f} (target >= 0.90); per round: "
+              + " ".join(f"{r:.2f}" for r in loader / raw))
+        print(f"  ratio to naive             : {np.median(loader / naive):.2f}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""Audio files -> WebDataset shards of 24 kHz mono FLAC segments.
+"""Audio files -> WebDataset shards of 24 kHz mono 16-bit segments (FLAC, or WAV with `--codec wav`).
 
-    python -m data.shards build --input AUDIO_DIR_OR_MANIFEST --out SHARDS [--workers 8]
+    python -m data.shards build --input AUDIO_DIR_OR_MANIFEST --out SHARDS [--workers 8] [--codec flac|wav]
 
 OUT holds:
   plan.json           which source goes into which shard; made once, reused by re-runs and by every rank
-  shard-NNNNNN.tar    KEY.flac (mono, 24 kHz, 16 bit) + KEY.json (source, offset, duration, samples)
+  shard-NNNNNN.tar    KEY.flac or KEY.wav (mono, 24 kHz, 16 bit) + KEY.json (source, offset, duration, samples)
   shard-NNNNNN.json   the shard's summary, written after the tar is renamed: its presence means "done"
   index.json          every shard, counts, hours, content hash: written when all shards are done
   report.json         (report.rankR.json with --world > 1) every skipped file or segment and why
+
+The codec trades bytes for the loader's CPU: a WAV member is ~1.5x a FLAC one on disk, but a random crop
+of it is a seek and a copy, ~8x cheaper than seeking in and decoding FLAC (bench/data_throughput.py
+--codecs flac wav). Every reader takes either (`audio_part`), so both kinds of shard sets train alike.
 
 A tar is written under a temporary name and renamed when complete, so a
 killed build never leaves a half shard that looks whole; a re-run skips the
@@ -40,8 +44,9 @@ from data.index import INDEX_NAME, shard_name, summary_path, try_write_index
 from data.logs import setup_logging
 
 PLAN_NAME = "plan.json"
-# Planning estimate for 16-bit mono 24 kHz level-0 FLAC of music (PCM is 48 kB/s; FLAC keeps ~60-70%).
-FLAC_BYTES_PER_SECOND = 32_000
+# Planning estimates of a second of 24 kHz 16-bit mono: level-0 FLAC of music keeps ~60-70% of PCM's 48 kB.
+BYTES_PER_SECOND = {"flac": 32_000, "wav": 48_000}
+AUDIO_PARTS = tuple(BYTES_PER_SECOND)  # the audio member of a sample is KEY.<one of these>
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,20 @@ class ShardConfig:
     silence_db: float = -60.0
     min_sample_rate: int = 8000
     seed: int = 0
+    codec: str = "flac"  # the audio members: "flac" (smaller) or "wav" (crops ~8x cheaper to read)
+
+    def __post_init__(self):
+        if self.codec not in BYTES_PER_SECOND:
+            raise ValueError(f"ShardConfig.codec={self.codec!r}: use one of {AUDIO_PARTS}")
+
+
+def audio_part(parts: dict):
+    """The audio member of a sample read by `data.tar.read_samples` (bytes or a Member), whichever codec.
+    KeyError names the parts found when there is none."""
+    for ext in AUDIO_PARTS:
+        if ext in parts:
+            return parts[ext]
+    raise KeyError(f"no audio member ({' or '.join('.' + e for e in AUDIO_PARTS)}) among {sorted(parts)}")
 
 
 # ---------------------------------------------------------------- inputs and plan
@@ -109,7 +128,7 @@ def make_plan(root: str, rels: list[str], cfg: ShardConfig, pool) -> dict:
     shards: list[list[dict]] = []
     filled = math.inf
     for entry in usable:
-        size = entry["frames"] / entry["rate"] * FLAC_BYTES_PER_SECOND
+        size = entry["frames"] / entry["rate"] * BYTES_PER_SECOND[cfg.codec]
         if filled + size > cfg.shard_bytes and filled > 0:
             shards.append([])
             filled = 0.0
@@ -131,9 +150,10 @@ def load_or_make_plan(out_dir: str, root: str, rels: list[str], cfg: ShardConfig
         atomic_write_json(path, plan)  # every rank computes the same plan; the last rename wins harmlessly
         return plan
     plan = read_json(path, "a shard plan")
-    changed = [k for k, v in asdict(cfg).items() if plan["config"].get(k) != v]
+    planned = {"codec": "flac", **plan["config"]}  # plans from before the codec setting were FLAC
+    changed = [k for k, v in asdict(cfg).items() if planned.get(k) != v]
     if changed:
-        was = ", ".join(f"{k}={plan['config'].get(k)}" for k in changed)
+        was = ", ".join(f"{k}={planned.get(k)}" for k in changed)
         raise SystemExit(
             f"{path}: this folder was built with other settings ({was}). "
             "Re-run with the same settings to finish it, or use a new --out."
@@ -189,6 +209,18 @@ def encode_flac(audio: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def encode_wav(audio: np.ndarray) -> bytes:
+    """16-bit PCM WAV: a crop is a seek past the 44-byte header and a copy, no decoding. Rounded to int16
+    here as libsndfile's FLAC writer does (its WAV writer truncates), so both codecs hold the same samples."""
+    pcm = np.clip(np.round(np.asarray(audio, dtype=np.float64) * 32768), -32768, 32767).astype(np.int16)
+    buffer = io.BytesIO()
+    sf.write(buffer, pcm, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+ENCODERS = {"flac": encode_flac, "wav": encode_wav}
+
+
 def sample_key(rel: str, segment: int) -> str:
     return f"{hashlib.sha1(rel.encode()).hexdigest()[:16]}_{segment:04d}"
 
@@ -228,7 +260,7 @@ def _write_track(tar, root: str, entry: dict, cfg: ShardConfig, summary: dict) -
                 "duration": len(audio) / SAMPLE_RATE, "samples": len(audio), "sample_rate": SAMPLE_RATE,
                 "source_sample_rate": entry["rate"], "source_channels": entry["channels"],
             }
-            _add_member(tar, key + ".flac", encode_flac(audio))
+            _add_member(tar, f"{key}.{cfg.codec}", ENCODERS[cfg.codec](audio))
             _add_member(tar, key + ".json", json.dumps(meta, sort_keys=True).encode())
             summary["samples"] += 1
             summary["seconds"] += len(audio) / SAMPLE_RATE
@@ -362,9 +394,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--silence-db", type=float, default=defaults.silence_db, help="segments with RMS at or below this are skipped")
     p.add_argument("--min-sample-rate", type=int, default=defaults.min_sample_rate)
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the file-to-shard shuffle")
+    p.add_argument("--codec", choices=AUDIO_PARTS, default=defaults.codec,
+                   help="flac: ~2/3 of wav's bytes; wav: random crops ~8x cheaper for the loader's CPUs")
     args = parser.parse_args(argv)
     setup_logging(args.rank)
-    cfg = ShardConfig(args.segment_seconds, args.min_segment_seconds, args.shard_size, args.silence_db, args.min_sample_rate, args.seed)
+    cfg = ShardConfig(args.segment_seconds, args.min_segment_seconds, args.shard_size, args.silence_db, args.min_sample_rate, args.seed,
+                      args.codec)
     report = build(args.input, args.out, cfg, args.workers, args.rank, args.world)
     print(format_report(report), file=sys.stderr)
 

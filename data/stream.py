@@ -12,7 +12,7 @@ of the shard list (position p of the sequence goes to global worker p mod
 Samples go through a seeded shuffle buffer, then a random crop of
 `crop_seconds` that starts on a 320-sample frame boundary (label frame i
 covers samples [320 i, 320 i + 320)). Only the cropped part of a segment's
-FLAC is decoded, as int16 (exact for our 16-bit shards); batches cross from
+FLAC (or WAV) is read, as int16 (exact for our 16-bit shards); batches cross from
 the workers as int16 and become float32 in [-1, 1) in the main process, or,
 with `AudioLoader(..., convert=False)`, stay int16 until `to_device` moves
 them (from pinned memory with `pin_memory=True`) and converts them there:
@@ -47,11 +47,12 @@ from data.cluster import rank_world
 from data.index import read_index
 from data.labels import SidecarReader, check_labels
 from data.logs import Throttled, logger
-from data.tar import Member, read_one, read_samples
+from data.shards import AUDIO_PARTS, audio_part
+from data.tar import Member, OpenFiles, read_one, read_samples
 
 STATE_VERSION = 1
 MAX_BAD_IN_A_ROW = 100
-LAZY = ("flac",)  # audio stays in the shard until its crop is decoded
+LAZY = AUDIO_PARTS  # audio stays in the shard until its crop is decoded
 log = logger(__name__)
 
 
@@ -93,16 +94,48 @@ def choose_offset(total: int, crop: int, rng: np.random.Generator) -> int:
     return int(rng.integers(0, (total - crop) // FRAME_SAMPLES + 1)) * FRAME_SAMPLES
 
 
-def decode_crop(flac: Member, offset: int, count: int) -> tuple[np.ndarray, int]:
+def decode_crop(member: Member, offset: int, count: int) -> tuple[np.ndarray, int]:
     """`count` int16 samples from `offset` (zero-padded past the end) and how many were real.
 
-    Shards hold 16-bit FLAC, so int16 is exact; it decodes faster and crosses
+    Shards hold 16-bit FLAC or WAV, so int16 is exact; it decodes faster and crosses
     from worker to trainer in half the bytes of float32.
     """
     audio = np.zeros(count, dtype=np.int16)
-    with flac.open() as file, sf.SoundFile(file) as f:
+    with member.open() as file, sf.SoundFile(file) as f:
         f.seek(offset)
         length = len(f.read(out=audio[: max(0, min(count, f.frames - offset))]))
+    return audio, length
+
+
+def wav_layout(header: bytes) -> tuple[int, int] | None:
+    """(byte offset of the samples, bytes of samples) of a 16-bit mono PCM WAV from its first bytes; None for
+    any other layout (then soundfile reads it)."""
+    if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+        return None
+    at, plain_pcm = 12, False
+    while at + 8 <= len(header):
+        chunk, size = header[at:at + 4], int.from_bytes(header[at + 4:at + 8], "little")
+        if chunk == b"fmt ":
+            fmt = header[at + 8:at + 24]
+            plain_pcm = (len(fmt) == 16 and int.from_bytes(fmt[0:2], "little") == 1  # PCM
+                         and int.from_bytes(fmt[2:4], "little") == 1 and int.from_bytes(fmt[14:16], "little") == 16)
+        elif chunk == b"data":
+            return (at + 8, size) if plain_pcm else None
+        at += 8 + size + size % 2
+    return None
+
+
+def read_wav_crop(member: Member, offset: int, count: int, files: OpenFiles) -> tuple[np.ndarray, int]:
+    """`decode_crop` for a WAV member without decoding: one read of its header, one of the crop's samples."""
+    layout = wav_layout(files.read(member, 512))
+    if layout is None:
+        return decode_crop(member, offset, count)
+    start, size = layout
+    frames = min(size, member.size - start) // 2
+    audio = np.zeros(count, dtype="<i2")
+    length = max(0, min(count, frames - offset))
+    if files.read_into(member, audio[:length], start + 2 * offset) != 2 * length:
+        raise ValueError(f"{member.path}: the WAV member at byte {member.offset} ends early; rebuild this shard")
     return audio, length
 
 
@@ -116,6 +149,7 @@ class ShardStream(IterableDataset):
         self.shard_bytes = shard_bytes or {}  # name -> size in the index: a shard of another size is skipped
         self.bad_shards: set[str] = set()  # found missing or truncated by this worker
         self.readers: dict[str, SidecarReader] | None = None  # opened lazily, in the worker
+        self.files = OpenFiles()  # the shards last cropped from, kept open (WAV crops)
         self.throttle = Throttled(log)  # per-sample warnings: the first few of a kind, then one in 100
         self.state = self._initial_state()
 
@@ -222,8 +256,11 @@ class ShardStream(IterableDataset):
                 [cfg.seed, *self._worker(), state["popped"]] if cfg.train else [cfg.seed, zlib.crc32(key.encode())]
             )
             offset = choose_offset(total, crop, rng)
-            audio, length = decode_crop(parts["flac"], offset, crop)
-        except (KeyError, ValueError, RuntimeError, sf.LibsndfileError) as e:
+            if "wav" in parts:
+                audio, length = read_wav_crop(parts["wav"], offset, crop, self.files)
+            else:
+                audio, length = decode_crop(audio_part(parts), offset, crop)
+        except (KeyError, ValueError, RuntimeError, OSError, sf.LibsndfileError) as e:
             return self._bad(ref, key, e)
         state["bad"] = 0
         item = {"audio": audio, "length": length, "offset": offset, "key": key, "shard": ref[0]}

@@ -8,6 +8,7 @@ crop of a sample does.
 Members named in `lazy` are not read: they come back as a `Member`, whose
 `open()` gives a seekable file over just that member, so a decoder reads
 only the bytes it needs and a shuffle buffer holds references, not audio.
+`OpenFiles` keeps the last few shards open for `pread`s into members (a WAV crop is one read).
 """
 from __future__ import annotations
 
@@ -62,6 +63,48 @@ class MemberFile(io.RawIOBase):
     def close(self) -> None:
         self.file.close()
         super().close()
+
+
+class OpenFiles:
+    """Read-only descriptors of the last `keep` tar files read from, for positional reads inside members.
+    A process of its own (a forked loader worker) starts with none; pickling drops them."""
+
+    def __init__(self, keep: int = 8):
+        self.keep, self.fds, self.pid = keep, {}, os.getpid()
+
+    def __getstate__(self) -> dict:
+        return {"keep": self.keep}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["keep"])
+
+    def _fd(self, path: str) -> int:
+        if self.pid != os.getpid():  # inherited from the parent: its descriptors are not ours to reuse
+            self.fds, self.pid = {}, os.getpid()
+        fd = self.fds.pop(path, None)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            if len(self.fds) >= self.keep:
+                os.close(self.fds.pop(next(iter(self.fds))))  # the least recently used
+        self.fds[path] = fd
+        return fd
+
+    def read(self, member: Member, count: int, position: int = 0) -> bytes:
+        """Up to `count` bytes of `member` from `position` (fewer at its end)."""
+        count = max(0, min(count, member.size - position))
+        return os.pread(self._fd(member.path), count, member.offset + position) if count else b""
+
+    def read_into(self, member: Member, buffer, position: int) -> int:
+        """Fills `buffer` (a writable buffer, e.g. a numpy array) from `member` at `position`; bytes read."""
+        view = memoryview(buffer).cast("B")
+        count = max(0, min(len(view), member.size - position))
+        return os.preadv(self._fd(member.path), [view[:count]], member.offset + position) if count else 0
+
+    def close(self) -> None:
+        if self.pid == os.getpid():
+            for fd in self.fds.values():
+                os.close(fd)
+        self.fds = {}
 
 
 def _header_size(header: bytes, path: str, at: int) -> int:

@@ -24,6 +24,7 @@ from data.audio import FRAME_SAMPLES, SAMPLE_RATE
 from data.cluster import rank_world
 from data.files import atomic_write_json, read_json, remove_temporaries
 from data.index import read_index
+from data.shards import audio_part
 from data.tar import read_samples
 from data.labels import (code_dtype, sidecar_path, summary_path, teacher_identity, try_write_manifest,
                              write_sidecar)
@@ -50,7 +51,7 @@ def label_shard(teacher, shard_dir: str, labels_dir: str, shard: str) -> dict:
     histogram = np.zeros((teacher.codebooks, teacher.cardinality), dtype=np.int64)
     dtype = code_dtype(teacher.cardinality)
     for _, _, key, parts in read_samples(os.path.join(shard_dir, shard)):
-        audio, _ = sf.read(io.BytesIO(parts["flac"]), dtype="float32")
+        audio, _ = sf.read(io.BytesIO(audio_part(parts)), dtype="float32")
         with torch.inference_mode():
             sample_codes = teacher.encode(torch.from_numpy(audio)).cpu().numpy()
         expected = (len(audio) // FRAME_SAMPLES, teacher.codebooks)

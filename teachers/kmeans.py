@@ -41,6 +41,7 @@ from tqdm import tqdm
 from data.files import atomic_write_bytes, atomic_write_json, read_json
 from data.index import read_index
 from data.logs import setup_logging
+from data.shards import audio_part
 from data.tar import read_samples
 from teachers.dump import dump, format_report, restart_with_tuned_malloc
 from teachers.encoder_features import EncoderFeatureConfig, EncoderFeatures
@@ -129,7 +130,7 @@ def sample_frames(cfg: KMeansConfig, index: dict) -> tuple[dict[str, Reservoir],
         for _, _, _, parts in read_samples(os.path.join(cfg.shards, shard["name"])):
             if rng.random() >= cfg.segment_fraction:
                 continue
-            audio = torch.from_numpy(sf.read(io.BytesIO(parts["flac"]), dtype="float32")[0])
+            audio = torch.from_numpy(sf.read(io.BytesIO(audio_part(parts)), dtype="float32")[0])
             with torch.inference_mode():
                 for name, extract in extractors.items():
                     reservoirs[name].add(extract(audio).numpy())

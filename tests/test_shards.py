@@ -18,7 +18,7 @@ import webdataset as wds
 from conftest import tone, write
 from data.audio import SAMPLE_RATE, stream_mono
 from data.index import read_index
-from data.shards import ShardConfig, build, segment_samples
+from data.shards import ShardConfig, audio_part, build, segment_samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ def read_shards(out) -> dict[str, tuple[dict, np.ndarray]]:
     urls = sorted(glob.glob(os.path.join(out, "shard-*.tar")))
     samples = {}
     for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        audio, rate = sf.read(io.BytesIO(s["flac"]), dtype="float32")
+        audio, rate = sf.read(io.BytesIO(audio_part(s)), dtype="float32")
         assert rate == SAMPLE_RATE and audio.ndim == 1
         samples[s["__key__"]] = (json.loads(s["json"]), audio)
     return samples
@@ -125,6 +125,35 @@ def test_rerun_with_other_settings_or_inputs_is_refused(tmp_path, good_corpus):
     write(good_corpus / "new.wav", tone(2, 16000), 16000)
     with pytest.raises(SystemExit, match="input files differ"):
         build(str(good_corpus), out, ShardConfig(), workers=1)
+
+
+def test_wav_shards_hold_the_same_samples_as_flac_shards(tmp_path, good_corpus):
+    flac = build(str(good_corpus), str(tmp_path / "flac"), ShardConfig(shard_bytes=300_000), workers=1)
+    wav = build(str(good_corpus), str(tmp_path / "wav"), ShardConfig(shard_bytes=300_000, codec="wav"), workers=1)
+    assert wav["samples"] == flac["samples"] and wav["hours"] == flac["hours"]
+    names = [n for t in glob.glob(str(tmp_path / "wav" / "shard-*.tar")) for n in wds.tariterators.tar_file_iterator(open(t, "rb"))]
+    assert {n["fname"].rsplit(".", 1)[1] for n in names} == {"wav", "json"}
+    from_flac, from_wav = read_shards(str(tmp_path / "flac")), read_shards(str(tmp_path / "wav"))
+    assert from_flac.keys() == from_wav.keys()
+    for key, (meta, audio) in from_flac.items():
+        assert from_wav[key][0] == meta
+        np.testing.assert_array_equal(from_wav[key][1], audio)  # both 16-bit: the same samples exactly
+    assert sum(s["bytes"] for s in read_index(str(tmp_path / "wav"))["shards"]) > sum(
+        s["bytes"] for s in read_index(str(tmp_path / "flac"))["shards"])
+
+
+def test_another_codec_is_refused_and_a_plan_from_before_codecs_finishes_as_flac(tmp_path, good_corpus):
+    out = tmp_path / "out"
+    build(str(good_corpus), str(out), ShardConfig(), workers=1)
+    with pytest.raises(SystemExit, match="codec=flac"):
+        build(str(good_corpus), str(out), ShardConfig(codec="wav"), workers=1)
+    plan = json.loads((out / "plan.json").read_text())
+    del plan["config"]["codec"]  # as written before the setting existed
+    (out / "plan.json").write_text(json.dumps(plan))
+    os.remove(out / "shard-000000.json")
+    assert build(str(good_corpus), str(out), ShardConfig(), workers=1)["shards_written_now"] == 1
+    with pytest.raises(ValueError, match="codec='mp3'"):
+        ShardConfig(codec="mp3")
 
 
 def test_rank_split_gives_the_same_shards_as_one_machine(tmp_path, good_corpus):

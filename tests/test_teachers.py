@@ -42,15 +42,24 @@ class LevelTeacher:
         return (rms * 10).round().long().sub(1).clamp(0, LEVELS - 1)[:, None]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def level_shards(tmp_path_factory, codec: str) -> str:
     """Eight clips of 1.1-4.1 s in six shards; clip c starts at level c."""
     root = tmp_path_factory.mktemp("levels")
     for clip, seconds in enumerate([3.0, 1.5, 4.1, 2.2, 1.1, 3.3, 2.7, 1.9]):
         write(root / f"clip{clip}.wav", level_signal(int(seconds * 75), clip), SAMPLE_RATE, subtype="PCM_16")
     out = str(tmp_path_factory.mktemp("shards"))
-    build(str(root), out, ShardConfig(shard_bytes=150_000))
+    build(str(root), out, ShardConfig(shard_bytes=150_000 * (3 if codec == "wav" else 2) // 2, codec=codec))
     return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return level_shards(tmp_path_factory, "flac")
+
+
+@pytest.fixture(scope="module")
+def wav_shards(tmp_path_factory):
+    return level_shards(tmp_path_factory, "wav")
 
 
 def test_reservoir_is_bounded_and_uniform():
@@ -68,7 +77,9 @@ def test_reservoir_is_bounded_and_uniform():
     assert small.sample.shape == (20, 2)
 
 
-def test_labels_stay_aligned_with_crops_at_every_offset(shards):
+@pytest.mark.parametrize("codec", ["flac", "wav"])
+def test_labels_stay_aligned_with_crops_at_every_offset(request, codec):
+    shards = request.getfixturevalue({"flac": "shards", "wav": "wav_shards"}[codec])
     report = dump_stage.dump(LevelTeacher, shards, os.path.join(shards, "labels", "level"))
     assert report["manifest"] and report["usage"][0]["used"] == LEVELS
     cfg = StreamConfig(shards, crop_seconds=1.28, batch_size=4, num_workers=2, shuffle_buffer=3,

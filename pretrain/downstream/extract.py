@@ -41,7 +41,7 @@ from tqdm import tqdm
 from data.audio import FRAME_SAMPLES, SAMPLE_RATE, AudioError, check_samples, decode_mono
 from data.files import atomic_write_bytes, atomic_write_json, read_json
 from data.logs import setup_logging
-from data.shards import list_sources
+from data.shards import audio_part, list_sources
 from data.tar import read_samples
 
 FORMAT = "musicpt-features/1"
@@ -112,7 +112,7 @@ def clips(input_path: str):
         index = read_json(os.path.join(input_path, "index.json"), "the shard index")
         for shard in index["shards"]:
             for _, _, key, parts in read_samples(os.path.join(input_path, shard["name"])):
-                yield key, (lambda flac=parts["flac"]: check_samples(sf.read(io.BytesIO(flac), dtype="float32")[0]))
+                yield key, (lambda encoded=audio_part(parts): check_samples(sf.read(io.BytesIO(encoded), dtype="float32")[0]))
         return
     root, names = list_sources(input_path)
     for name in names:
