@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from data import demo  # noqa: E402
 from data.audio import SAMPLE_RATE  # noqa: E402
 from data.index import read_index  # noqa: E402
-from data.shards import ShardConfig, build  # noqa: E402
+from data.shards import ShardConfig, audio_part, build  # noqa: E402
 from data.tar import read_samples  # noqa: E402
 from teachers.dump import restart_with_tuned_malloc  # noqa: E402
 from teachers.encodec import EncodecTeacher  # noqa: E402
@@ -50,7 +50,7 @@ def make_shards(tmp: str, minutes: float) -> str:
 
 
 def load_segments(shards: str) -> list[bytes]:
-    return [parts["flac"] for s in read_index(shards)["shards"]
+    return [audio_part(parts) for s in read_index(shards)["shards"]
             for _, _, _, parts in read_samples(os.path.join(shards, s["name"]))]
 
 

@@ -3,7 +3,9 @@
 A teacher is any object with `name`, `codebooks`, `cardinality`,
 `config_hash` and `encode(wave: float32 Tensor [samples]) -> int Tensor
 [samples // 320, codebooks]`. Workers build their own teacher from a
-picklable `make_teacher()`, so a model is loaded once per process.
+picklable `make_teacher()`, so a model is loaded once per process. A teacher
+that also has `encode_batch(waves: list of Tensors) -> list of codes` is given
+`batch` segments of a shard at a time (a GPU is idle on one 30 s segment).
 """
 from __future__ import annotations
 
@@ -45,30 +47,51 @@ def restart_with_tuned_malloc(args: list[str]) -> None:
     os.execv(sys.executable, [sys.executable, *args])
 
 
-def label_shard(teacher, shard_dir: str, labels_dir: str, shard: str) -> dict:
-    """Encode every sample of one shard; write its summary, then its sidecar (the done marker)."""
+def label_shard(teacher, shard_dir: str, labels_dir: str, shard: str, batch: int = 1) -> dict:
+    """Encode every sample of one shard, `batch` at a time when the teacher has `encode_batch`; write its
+    summary, then its sidecar (the done marker)."""
+    batch = batch if hasattr(teacher, "encode_batch") else 1
     codes, frames, seconds = {}, 0, 0.0
     histogram = np.zeros((teacher.codebooks, teacher.cardinality), dtype=np.int64)
     dtype = code_dtype(teacher.cardinality)
-    for _, _, key, parts in read_samples(os.path.join(shard_dir, shard)):
-        audio, _ = sf.read(io.BytesIO(audio_part(parts)), dtype="float32")
+    for group in batches(read_samples(os.path.join(shard_dir, shard)), batch):
+        keys = [key for _, _, key, _ in group]
+        waves = [torch.from_numpy(sf.read(io.BytesIO(audio_part(parts)), dtype="float32")[0]) for *_, parts in group]
         with torch.inference_mode():
-            sample_codes = teacher.encode(torch.from_numpy(audio)).cpu().numpy()
-        expected = (len(audio) // FRAME_SAMPLES, teacher.codebooks)
-        if sample_codes.shape != expected or sample_codes.min(initial=0) < 0 or sample_codes.max(initial=0) >= teacher.cardinality:
-            raise ValueError(f"teacher {teacher.name} gave codes of shape {sample_codes.shape} (range "
-                             f"{sample_codes.min(initial=0)}..{sample_codes.max(initial=0)}) for {shard}/{key}; expected {expected} "
-                             f"in 0..{teacher.cardinality - 1}. This is a bug in the teacher.")
-        codes[key] = sample_codes.astype(dtype)
-        for book in range(teacher.codebooks):
-            histogram[book] += np.bincount(sample_codes[:, book], minlength=teacher.cardinality)
-        frames += len(sample_codes)
-        seconds += len(audio) / SAMPLE_RATE
+            encoded = teacher.encode_batch(waves) if batch > 1 else [teacher.encode(waves[0])]
+        for key, wave, sample_codes in zip(keys, waves, encoded):
+            sample_codes = sample_codes.cpu().numpy()
+            check_codes(teacher, sample_codes, len(wave), f"{shard}/{key}")
+            codes[key] = sample_codes.astype(dtype)
+            for book in range(teacher.codebooks):
+                histogram[book] += np.bincount(sample_codes[:, book], minlength=teacher.cardinality)
+            frames += len(sample_codes)
+            seconds += len(wave) / SAMPLE_RATE
     summary = {"shard": shard, "samples": len(codes), "frames": frames, "seconds": seconds,
                "histogram": histogram.tolist()}
     atomic_write_json(summary_path(labels_dir, shard), summary)
     write_sidecar(sidecar_path(labels_dir, shard), codes)
     return summary
+
+
+def batches(items, size: int):
+    """Lists of up to `size` consecutive items."""
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def check_codes(teacher, codes: np.ndarray, samples: int, where: str) -> None:
+    expected = (samples // FRAME_SAMPLES, teacher.codebooks)
+    if codes.shape != expected or codes.min(initial=0) < 0 or codes.max(initial=0) >= teacher.cardinality:
+        raise ValueError(f"teacher {teacher.name} gave codes of shape {codes.shape} (range "
+                         f"{codes.min(initial=0)}..{codes.max(initial=0)}) for {where}; expected {expected} "
+                         f"in 0..{teacher.cardinality - 1}. This is a bug in the teacher.")
 
 
 def _init_worker(make_teacher: Callable) -> None:
@@ -77,7 +100,7 @@ def _init_worker(make_teacher: Callable) -> None:
     _worker_teacher = make_teacher()
 
 
-def _label_in_worker(job: tuple[str, str, str]) -> dict:
+def _label_in_worker(job: tuple[str, str, str, int]) -> dict:
     return label_shard(_worker_teacher, *job)
 
 
@@ -97,8 +120,9 @@ def check_or_start(labels_dir: str, identity: dict, index: dict) -> None:
 
 
 def dump(make_teacher: Callable, shard_dir: str, labels_dir: str, workers: int = 1,
-         rank: int | None = None, world: int | None = None, extra: dict | None = None) -> dict:
-    """Label this rank's unfinished shards; write the manifest if all shards are done; return a report."""
+         rank: int | None = None, world: int | None = None, extra: dict | None = None, batch: int = 1) -> dict:
+    """Label this rank's unfinished shards; write the manifest if all shards are done; return a report.
+    `batch`: segments per `encode_batch` call, for teachers that have one."""
     rank, world = rank_world(rank, world)
     started = time.time()
     index = read_index(shard_dir)
@@ -110,7 +134,7 @@ def dump(make_teacher: Callable, shard_dir: str, labels_dir: str, workers: int =
     mine = names[rank::world]
     remove_temporaries([path for name in mine for path in (summary_path(labels_dir, name), sidecar_path(labels_dir, name))])
     todo = [name for name in mine if not os.path.exists(sidecar_path(labels_dir, name))]
-    jobs = [(shard_dir, labels_dir, name) for name in todo]
+    jobs = [(shard_dir, labels_dir, name, batch) for name in todo]
     progress = tqdm(total=len(jobs), desc=f"{teacher.name} labels (rank {rank}/{world})", unit="shard", disable=not jobs)
     if workers > 1 and len(jobs) > 1:
         with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (make_teacher,)) as pool:

@@ -1,7 +1,7 @@
 """EnCodec teacher (MERT's acoustic targets): 24 kHz EnCodec RVQ codes, 8 codebooks x 1024 at 75 Hz at 6 kbps.
 
     python -m teachers.encodec dump --shards SHARDS --weights encodec_24khz-d7cc33bc.th [--labels DIR]
-                                    [--bandwidth 6] [--device auto] [--workers N] [--rank R --world W]
+                                    [--bandwidth 6] [--device auto] [--workers N] [--batch B] [--rank R --world W]
 
 Code frame t of EnCodec's 320x-downsampling encoder is label frame t
 (samples [320 t, 320 t + 320)); a segment of N samples keeps N // 320 frames.
@@ -95,10 +95,18 @@ class EncodecTeacher:
         self.config_hash = hashlib.sha256(f"{weights_id} {float(bandwidth)}".encode()).hexdigest()
 
     def encode(self, wave: torch.Tensor) -> torch.Tensor:
-        frames = len(wave) // FRAME_SAMPLES
-        x = wave[: frames * FRAME_SAMPLES].to(self.device).view(1, 1, -1)
-        codes = self.model.encode(x)[0][0]  # one frame (the 24 kHz model does not segment): codes [1, K, T]
-        return codes[0, :, :frames].T
+        return self.encode_batch([wave])[0]
+
+    def encode_batch(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Codes [len // 320, codebooks] of each wave, encoded together: zero-padded at the end to the longest,
+        which leaves every real frame's codes as they are alone, since the 24 kHz model is causal (up to
+        float rounding: a batch's other kernels flip ~0.1% of near-tied codes, as another device does)."""
+        frames = [len(wave) // FRAME_SAMPLES for wave in waves]
+        x = torch.zeros(len(waves), 1, max(frames) * FRAME_SAMPLES, pin_memory=self.device.type == "cuda")
+        for row, wave, count in zip(x, waves, frames):
+            row[0, : count * FRAME_SAMPLES] = wave[: count * FRAME_SAMPLES]
+        codes = self.model.encode(x.to(self.device, non_blocking=True))[0][0]  # one frame (no segmenting): [B, K, T]
+        return [book[:, :count].T for book, count in zip(codes, frames)]
 
 
 def default_device() -> str:
@@ -116,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bandwidth", type=float, default=6.0, help="kbps: 1.5, 3, 6 (8 codebooks), 12 or 24")
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--workers", type=int, default=1, help="CPU processes (one process on a GPU)")
+    parser.add_argument("--batch", type=int, help="segments encoded together (default: 16 on a GPU, 1 on CPU)")
     parser.add_argument("--rank", type=int)
     parser.add_argument("--world", type=int)
     args = parser.parse_args(argv)
@@ -125,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     workers = 1 if args.device.startswith("cuda") else args.workers
     make_teacher = functools.partial(EncodecTeacher, args.weights, args.bandwidth, args.device, args.random_init)
     labels = args.labels or os.path.join(args.shards, "labels", "encodec")
-    report = dump(make_teacher, args.shards, labels, workers, args.rank, args.world)
+    batch = args.batch if args.batch is not None else (16 if args.device.startswith("cuda") else 1)
+    if batch < 1:
+        parser.error(f"--batch {batch}: use 1 or more segments")
+    report = dump(make_teacher, args.shards, labels, workers, args.rank, args.world, batch=batch)
     if args.random_init:
         log.warning("random-init EnCodec: the codes in %s are for tests, not for pretraining", labels)
     print(format_report(report), file=sys.stderr)

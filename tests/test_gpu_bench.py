@@ -39,6 +39,7 @@ def test_smoke_run_fills_every_section_and_prints_the_table(tmp_path):
     assert 0 <= sections["loader"]["data_wait_fraction"] <= 1 and positive(sections["loader"]["audio_seconds_per_second"])
     for name in ("encodec", "kmeans"):
         assert positive(sections[name]["real_time_factor"]) and positive(sections[name]["real_time_factor_dump_path"])
+    assert positive(sections["encodec"]["real_time_factor_dump_path_batched"])
     assert set(sections["extract"]["clips_per_second"]) == {"1", "2", "4"}
     assert all(positive(v) for v in sections["extract"]["clips_per_second"].values())
     table = done.stdout[done.stdout.index("GPU benchmark on"):]

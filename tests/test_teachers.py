@@ -219,6 +219,42 @@ def test_encodec_dump_random_init(shards, tmp_path, caplog):
     assert EncodecTeacher(random_init=True).encode(wave).shape == (100, 8)
 
 
+def test_a_batched_encodec_dump_labels_each_segment_as_one_at_a_time(shards, tmp_path):
+    """--batch encodes several segments of a shard together, zero-padded to the longest (the 24 kHz model is
+    causal, so padding after a segment cannot change its codes); only float rounding of the batched kernels
+    may flip a near-tied code, as another device would."""
+    one, four = str(tmp_path / "one"), str(tmp_path / "four")
+    encodec_main(["dump", "--shards", shards, "--labels", one, "--random-init", "--device", "cpu", "--batch", "1"])
+    encodec_main(["dump", "--shards", shards, "--labels", four, "--random-init", "--device", "cpu", "--batch", "4"])
+    same = total = 0
+    for shard in json.load(open(os.path.join(shards, "index.json")))["shards"]:
+        alone, batched = np.load(sidecar_path(one, shard["name"])), np.load(sidecar_path(four, shard["name"]))
+        assert sorted(alone) == sorted(batched)
+        for key in alone:
+            assert batched[key].shape == alone[key].shape
+            same, total = same + (batched[key] == alone[key]).sum(), total + alone[key].size
+    assert same / total >= 0.99, same / total
+    with pytest.raises(SystemExit):
+        encodec_main(["dump", "--shards", shards, "--labels", str(tmp_path / "zero"), "--random-init", "--device", "cpu",
+                      "--batch", "0"])
+
+
+def test_the_dump_gives_batches_only_to_teachers_that_take_them(shards, tmp_path):
+    class Batched(LevelTeacher):
+        calls: list[int] = []
+
+        def encode_batch(self, waves):
+            Batched.calls.append(len(waves))
+            return [self.encode(wave) for wave in waves]
+
+    dump_stage.dump(Batched, shards, str(tmp_path / "batched"), batch=2)  # shards hold 1-2 segments
+    dump_stage.dump(LevelTeacher, shards, str(tmp_path / "single"), batch=2)  # no encode_batch: one at a time
+    assert max(Batched.calls) == 2 and sum(Batched.calls) == 8
+    for shard in json.load(open(os.path.join(shards, "index.json")))["shards"]:
+        a, b = np.load(sidecar_path(str(tmp_path / "batched"), shard["name"])), np.load(sidecar_path(str(tmp_path / "single"), shard["name"]))
+        assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_encodec_without_weights_says_how_to_get_them(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="missing.th: no such EnCodec weights file; download https://"):
         EncodecTeacher(weights=str(tmp_path / "missing.th"))
