@@ -1,4 +1,4 @@
-"""Which part of a job this process is: --rank/--world, else SLURM, else torchrun, else 0 of 1."""
+"""Which part of a job this process is: --rank/--world, else SLURM, else torchrun, else 0 of 1; and its GPU."""
 from __future__ import annotations
 
 import os
@@ -20,3 +20,15 @@ def rank_world(rank: int | None = None, world: int | None = None) -> tuple[int, 
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"rank {rank} / world {world} is not a valid split: need world >= 1 and 0 <= rank < world")
     return rank, world
+
+
+def local_device(device: str) -> str:
+    """`cuda` -> `cuda:I` for the I-th process on a node that shows it several GPUs (LOCAL_RANK from torchrun,
+    else SLURM_LOCALID), so one dump process per GPU each takes its own; any other device as given."""
+    local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID"))
+    if device != "cuda" or local is None:
+        return device
+    import torch
+
+    count = torch.cuda.device_count()
+    return f"cuda:{int(local) % count}" if count > 1 else device

@@ -21,6 +21,7 @@ import sys
 import torch
 
 from data.audio import FRAME_SAMPLES
+from data.cluster import local_device
 from data.logs import logger, setup_logging
 from teachers.dump import dump, format_report, restart_with_tuned_malloc
 
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", help=f"local {WEIGHTS_NAME}")
     parser.add_argument("--random-init", action="store_true", help="TESTS ONLY: random weights (seeded), marked in the manifest")
     parser.add_argument("--bandwidth", type=float, default=6.0, help="kbps: 1.5, 3, 6 (8 codebooks), 12 or 24")
-    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--device", default=default_device(),
+                        help="cuda (the default with a GPU: cuda:LOCAL_RANK when a node shows several) or cpu")
     parser.add_argument("--workers", type=int, default=1, help="CPU processes (one process on a GPU)")
     parser.add_argument("--batch", type=int, help="segments encoded together (default: 16 on a GPU, 1 on CPU)")
     parser.add_argument("--rank", type=int)
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.random_init and args.weights:
         parser.error("--random-init and --weights exclude each other")
     workers = 1 if args.device.startswith("cuda") else args.workers
-    make_teacher = functools.partial(EncodecTeacher, args.weights, args.bandwidth, args.device, args.random_init)
+    device = local_device(args.device)
+    make_teacher = functools.partial(EncodecTeacher, args.weights, args.bandwidth, device, args.random_init)
     labels = args.labels or os.path.join(args.shards, "labels", "encodec")
     batch = args.batch if args.batch is not None else (16 if args.device.startswith("cuda") else 1)
     if batch < 1:

@@ -38,6 +38,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
+from data.cluster import local_device
 from data.files import atomic_write_bytes, atomic_write_json, read_json
 from data.index import read_index
 from data.logs import setup_logging
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"({s['dim']}-d), inertia/frame {s['inertia_per_frame']:.4f}", file=sys.stderr)
         print(f"model    {cfg.out} ({record['seconds']:.1f} s)", file=sys.stderr)
         return
-    make_teacher = functools.partial(KMeansTeacher, cfg.out, cfg.device)
+    make_teacher = functools.partial(KMeansTeacher, cfg.out, local_device(cfg.device))
     streams = read_json(os.path.join(cfg.out, "kmeans.json"), "a k-means fit record (run `teachers.kmeans fit`)")
     sources = [{"path": s["features"]["ckpt"], "fingerprint": s["features"]["fingerprint"], "layer": s["features"]["layer"]}
                for s in streams["settings"]["streams"] if s["features"].get("kind") == "encoder"]

@@ -277,3 +277,18 @@ def test_random_init_encodec_has_the_same_hash_at_any_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert EncodecTeacher(random_init=True, seed=1).config_hash != one
+
+
+def test_dump_processes_on_a_node_with_several_gpus_take_one_each(monkeypatch):
+    from data.cluster import local_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("SLURM_LOCALID", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert local_device("cuda") == "cuda"  # not one of several processes: torch's current device
+    monkeypatch.setenv("SLURM_LOCALID", "2")
+    assert local_device("cuda") == "cuda:2" and local_device("cpu") == "cpu" and local_device("cuda:3") == "cuda:3"
+    monkeypatch.setenv("LOCAL_RANK", "5")  # torchrun's wins; more processes than GPUs share them in turn
+    assert local_device("cuda") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # SLURM gave this task its own GPU
+    assert local_device("cuda") == "cuda"
