@@ -10,8 +10,8 @@ OUT holds:
   report.json         (report.rankR.json with --world > 1) every skipped file or segment and why
 
 The codec trades bytes for the loader's CPU: a WAV member is ~1.5x a FLAC one on disk, but a random crop
-of it is a seek and a copy, ~8x cheaper than seeking in and decoding FLAC (bench/data_throughput.py
---codecs flac wav). Every reader takes either (`audio_part`), so both kinds of shard sets train alike.
+of it is one read, no decoding, and a loader worker delivers ~3x the audio from WAV shards
+(bench/data_throughput.py --codecs flac wav). Every reader takes either (`audio_part`), so both kinds of shard sets train alike.
 
 A tar is written under a temporary name and renamed when complete, so a
 killed build never leaves a half shard that looks whole; a re-run skips the
@@ -57,7 +57,7 @@ class ShardConfig:
     silence_db: float = -60.0
     min_sample_rate: int = 8000
     seed: int = 0
-    codec: str = "flac"  # the audio members: "flac" (smaller) or "wav" (crops ~8x cheaper to read)
+    codec: str = "flac"  # the audio members: "flac" (smaller) or "wav" (~3x the loader's audio per worker)
 
     def __post_init__(self):
         if self.codec not in BYTES_PER_SECOND:
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-sample-rate", type=int, default=defaults.min_sample_rate)
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the file-to-shard shuffle")
     p.add_argument("--codec", choices=AUDIO_PARTS, default=defaults.codec,
-                   help="flac: ~2/3 of wav's bytes; wav: random crops ~8x cheaper for the loader's CPUs")
+                   help="flac: ~2/3 of wav's bytes; wav: ~3x the audio per loader worker")
     args = parser.parse_args(argv)
     setup_logging(args.rank)
     cfg = ShardConfig(args.segment_seconds, args.min_segment_seconds, args.shard_size, args.silence_db, args.min_sample_rate, args.seed,
