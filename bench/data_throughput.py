@@ -32,7 +32,7 @@ import webdataset as wds  # noqa: E402
 from data import demo  # noqa: E402
 from data.audio import SAMPLE_RATE  # noqa: E402
 from data.index import read_index  # noqa: E402
-from data.shards import AUDIO_PARTS, ShardConfig, audio_part, build  # noqa: E402
+from data.shards import AUDIO_PARTS, ShardConfig, audio_codec, audio_part, build  # noqa: E402
 from data.stream import AudioLoader, StreamConfig, choose_offset  # noqa: E402
 from data.tar import read_samples  # noqa: E402
 
@@ -75,9 +75,9 @@ def make_shards(tmp: str, minutes: float, codecs: list[str]) -> list[str]:
 def shard_set(folder: str) -> dict:
     """A shard folder's tar paths, codec, audio members (bytes) and bytes per audio-second."""
     paths = sorted(glob.glob(os.path.join(folder, "shard-*.tar")))
-    members = [(ext, parts[ext]) for p in paths for _, _, _, parts in read_samples(p) for ext in AUDIO_PARTS if ext in parts]
+    samples = [parts for p in paths for _, _, _, parts in read_samples(p)]
     hours = read_index(folder)["hours"]
-    return {"folder": folder, "paths": paths, "codec": members[0][0], "members": [m for _, m in members],
+    return {"folder": folder, "paths": paths, "codec": audio_codec(samples[0]), "members": [audio_part(s) for s in samples],
             "bytes_per_second": sum(os.path.getsize(p) for p in paths) / (hours * 3600)}
 
 

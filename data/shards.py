@@ -64,13 +64,18 @@ class ShardConfig:
             raise ValueError(f"ShardConfig.codec={self.codec!r}: use one of {AUDIO_PARTS}")
 
 
-def audio_part(parts: dict):
-    """The audio member of a sample read by `data.tar.read_samples` (bytes or a Member), whichever codec.
-    KeyError names the parts found when there is none."""
+def audio_codec(parts: dict) -> str:
+    """Which of AUDIO_PARTS holds the audio of a sample read by `data.tar.read_samples`. KeyError names the
+    parts found when there is none."""
     for ext in AUDIO_PARTS:
         if ext in parts:
-            return parts[ext]
+            return ext
     raise KeyError(f"no audio member ({' or '.join('.' + e for e in AUDIO_PARTS)}) among {sorted(parts)}")
+
+
+def audio_part(parts: dict):
+    """The audio member of a sample (bytes, or a Member when read lazily), whichever codec."""
+    return parts[audio_codec(parts)]
 
 
 # ---------------------------------------------------------------- inputs and plan
