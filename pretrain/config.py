@@ -186,6 +186,10 @@ def check_data2vec(cfg: RunConfig, where: str) -> None:
                           "positive smooth-L1 beta")
     if o.data2vec_ema_anneal_steps < 0:
         raise ConfigError(f"{where}: objective.data2vec_ema_anneal_steps must be at least 0 (0: train.steps)")
+    if o.data2vec_clip_weight < 0 or o.data2vec_clip_temperature <= 0:
+        raise ConfigError(f"{where}: objective.data2vec_clip_weight={o.data2vec_clip_weight} and "
+                          f"data2vec_clip_temperature={o.data2vec_clip_temperature}: the weight is at least 0 (0: off), "
+                          "the temperature above 0")
 
 
 def check_frame_geometry(cfg: RunConfig, where: str) -> None:

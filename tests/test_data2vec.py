@@ -16,7 +16,8 @@ import torch
 from pretrain.checkpoint import parts_of, rank_file
 from pretrain.config import ConfigError, load_config
 from pretrain.objectives.bestrq import normalise
-from pretrain.objectives.data2vec import Data2VecObjective, ema_decay, normalise_both, normalise_batch
+from pretrain.objectives.data2vec import (Data2VecObjective, clip_contrast, clip_means, ema_decay, normalise_both,
+                                         normalise_batch)
 from pretrain.export import load_encoder
 from pretrain.model import Encoder
 from test_bestrq import music
@@ -119,6 +120,38 @@ def test_batch_norm_targets_keep_what_is_constant_through_a_crop_and_ignore_padd
     out = model.encoder(audio, lengths)
     targets = model.targets(out["projected"], out["padding"], audio, lengths)
     assert targets.flatten(0, 1).mean(0).abs().max() < 1e-4 and targets[0].mean(0).abs().max() > 1e-2
+
+
+def test_the_clip_term_asks_each_crop_to_pick_out_its_own_teacher_mean():
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(6, 16, generator=gen) + 10.0  # a large part shared by every crop: centred away
+    own = clip_contrast(teacher * 3 - 5.0, teacher, 0.1)  # cosine of centred vectors: scale and offset do not matter
+    shuffled = clip_contrast(teacher[torch.tensor([1, 2, 3, 4, 5, 0])], teacher, 0.1)
+    assert own < 0.5 < torch.log(torch.tensor(6.0)) < shuffled
+    assert clip_contrast(teacher[:1], teacher[:1], 0.1) == 0  # one crop: nothing to tell apart
+    x, real = torch.randn(2, 5, 3, generator=gen), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]).bool()
+    x[1, 2:] = 1e6  # padding stays out of the mean
+    assert torch.allclose(clip_means(x, real), torch.stack([x[0].mean(0), x[1, :2].mean(0)]))
+
+
+def test_the_clip_term_is_learned_and_off_by_default():
+    assert objective().clip_head is None and "clip_head.weight" not in objective().state_dict()  # checkpoints as before
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CFG, data2vec_clip_weight=1.0, data2vec_ema_all=True)
+    model = Data2VecObjective(cfg, Encoder(dataclasses.replace(TINY, dropout=0.0, attention_dropout=0.0)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    audio, lengths, clips = music(items=4), torch.full((4,), 48000), []
+    for step in range(30):
+        loss, logs = model(audio, lengths, {}, torch.Generator().manual_seed(step % 4))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.after_update(step + 1, 30)
+        clips.append(logs["loss/clip"].item())
+    assert sum(clips[-5:]) / 5 < 0.3 * sum(clips[:5]) / 5 and clips[-1] < 0.5, clips  # chance: ln 4 = 1.39
+    with pytest.raises(ConfigError, match="data2vec_clip_weight=-1"):
+        load_config("configs/tiny.yaml", ["objective.kind=data2vec", "data.shards=x", "data.labels=[]",
+                                          "objective.data2vec_top_k=2", "objective.data2vec_clip_weight=-1"])
 
 
 @pytest.mark.parametrize("ema_all", [True, False])

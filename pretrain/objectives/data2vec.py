@@ -65,6 +65,7 @@ class Data2VecObjective(Objective):
             raise ValueError(f"objective.data2vec_top_k={cfg.data2vec_top_k}: use 1 to model.layers={encoder.cfg.layers}")
         super().__init__(cfg, encoder, {})
         self.final_proj = nn.Linear(encoder.cfg.dim, encoder.cfg.dim)
+        self.clip_head = nn.Linear(encoder.cfg.dim, encoder.cfg.dim) if cfg.data2vec_clip_weight > 0 else None
         teacher = copy.deepcopy(encoder).float().eval().requires_grad_(False)
         self._teacher = [teacher]  # a list: outside the module tree (not trained, cast, or in DeepSpeed's files)
 
@@ -91,26 +92,31 @@ class Data2VecObjective(Objective):
 
     @torch.compiler.disable  # train.compile: the teacher runs eagerly (it is outside the compiled module)
     @torch.no_grad()
-    def targets(self, projected: torch.Tensor, padding: torch.Tensor | None, audio: torch.Tensor,
-                lengths: torch.Tensor) -> torch.Tensor:
-        """The teacher's average of its top-k feed-forward outputs [B, T, D] (fp32), each normalised as
-        data2vec_target_norm says (default: instance norm over the crop's real frames): of the
-        student's unmasked projected frames, with the student's current positional conv; with data2vec_ema_all,
-        of the clean audio through the whole teacher."""
+    def teach(self, projected: torch.Tensor, padding: torch.Tensor | None, audio: torch.Tensor,
+              lengths: torch.Tensor) -> dict:
+        """The teacher's outputs ({"x", "ffn", ...}, fp32): of the student's unmasked projected frames, with the
+        student's current positional conv; with data2vec_ema_all, of the clean audio through the whole teacher."""
         teacher = self.teacher
         if next(teacher.parameters()).device != projected.device:
             teacher.to(projected.device)
-        real = torch.ones(projected.shape[:2], dtype=torch.bool, device=projected.device) if padding is None else ~padding
         autocast = torch.autocast(projected.device.type, dtype=projected.dtype, enabled=projected.dtype != torch.float32)
         with autocast:
             if self.cfg.data2vec_ema_all:
-                ffns = teacher(audio.float(), lengths, all_layers=True)["ffn"]
-            else:
-                teacher.positions.load_state_dict(self.encoder.positions.state_dict())  # not an EMA: the student's
-                ffns = teacher.contextualise(projected.detach().float(), padding, all_layers=True)["ffn"]
+                return teacher(audio.float(), lengths, all_layers=True)
+            teacher.positions.load_state_dict(self.encoder.positions.state_dict())  # not an EMA: the student's
+            return teacher.contextualise(projected.detach().float(), padding, all_layers=True)
+
+    def layer_targets(self, taught: dict, real: torch.Tensor) -> torch.Tensor:
+        """The average of the teacher's top-k feed-forward outputs [B, T, D] (fp32), each normalised as
+        data2vec_target_norm says (default: instance norm over the crop's real frames [B, T])."""
         norm = TARGET_NORMS[self.cfg.data2vec_target_norm]
-        top = [norm(ffn.float(), real) for ffn in ffns[-self.cfg.data2vec_top_k:]]
+        top = [norm(ffn.float(), real) for ffn in taught["ffn"][-self.cfg.data2vec_top_k:]]
         return sum(top) / len(top)
+
+    def targets(self, projected: torch.Tensor, padding: torch.Tensor | None, audio: torch.Tensor,
+                lengths: torch.Tensor) -> torch.Tensor:
+        """The regression targets [B, T, D] (see teach and layer_targets)."""
+        return self.layer_targets(self.teach(projected, padding, audio, lengths), real_frames(projected, padding))
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor, labels: dict[str, torch.Tensor],
                 generator: torch.Generator | None = None, skip: torch.Tensor | None = None,
@@ -119,8 +125,9 @@ class Data2VecObjective(Objective):
         if labels:
             raise ValueError(f"objective.kind=data2vec got teacher labels {sorted(labels)}; leave data.labels empty")
         step, loss, logs = self.masked_step(audio, lengths, generator, skip)
-        target = self.targets(step["projected"], step["padding"], audio, step["lengths"])
-        target = target.flatten(0, 1).index_select(0, step["picked"])  # [M, D]
+        taught = self.teach(step["projected"], step["padding"], audio, step["lengths"])
+        real = real_frames(step["projected"], step["padding"])
+        target = self.layer_targets(taught, real).flatten(0, 1).index_select(0, step["picked"])  # [M, D]
         prediction = self.final_proj(step["h"]).float()
         beta = self.cfg.data2vec_loss_beta
         error = (F.mse_loss(prediction, target, reduction="none") if beta == 0 else
@@ -128,7 +135,35 @@ class Data2VecObjective(Objective):
         regression = error.sum(-1).mean() / math.sqrt(target.shape[-1])
         logs.update({f"loss/{STREAM}": regression.detach(), "var/target": spread(target),
                      "var/prediction": spread(prediction.detach())})
-        return self.finish(loss + regression, logs, audio, step)
+        loss = loss + regression
+        if self.clip_head is not None:
+            clip = clip_contrast(self.clip_head(clip_means(step["x"], real)).float(), clip_means(taught["x"].float(), real),
+                                 self.cfg.data2vec_clip_temperature)
+            loss = loss + self.cfg.data2vec_clip_weight * clip
+            logs["loss/clip"] = clip.detach()
+        return self.finish(loss, logs, audio, step)
+
+
+def real_frames(frames: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+    """[B, T] bool: the frames of [B, T, D] that are not padding."""
+    return torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device) if padding is None else ~padding
+
+
+def clip_means(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Each crop's mean over its real frames: [B, T, D], [B, T] -> [B, D]."""
+    weights = real.to(x.dtype)[..., None]
+    return (x * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def clip_contrast(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE over the micro-batch ([B, D] each): each crop's student vector must be nearest (cosine) to its own
+    crop's teacher vector; both sides are centred over the batch first (what every crop shares says nothing of
+    the crop). A batch of one has nothing to tell apart: 0."""
+    if student.shape[0] < 2:
+        return student.sum() * 0
+    queries, keys = (F.normalize(v - v.mean(0), dim=-1) for v in (student, teacher))
+    logits = queries @ keys.T / temperature
+    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 
 def normalise_batch(feats: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,10 @@ class ObjectiveConfig:
     # and dimension over time, which removes whatever is constant through a crop, its timbre among it) or "batch"
     # (per dimension over all real frames of the batch: a crop's constant part stays in its targets) or "both"
     # (the mean of the two)
+    data2vec_clip_weight: float = 0.0  # > 0: adds a clip-level contrastive term of this weight (COLA-style, README:
+    # data2vec): the student's mean over the crop, through a linear head, must pick out its own crop's teacher mean
+    # among the micro-batch's (InfoNCE), so what is constant through a crop, which the targets drop, is asked for
+    data2vec_clip_temperature: float = 0.1
 
 
 def span_mask(valid: torch.Tensor, total: int, prob: float, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
