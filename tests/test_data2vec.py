@@ -134,20 +134,26 @@ def test_the_clip_term_asks_each_crop_to_pick_out_its_own_teacher_mean():
     assert torch.allclose(clip_means(x, real), torch.stack([x[0].mean(0), x[1, :2].mean(0)]))
 
 
-def test_the_clip_term_is_learned_and_off_by_default():
-    assert objective().clip_head is None and "clip_head.weight" not in objective().state_dict()  # checkpoints as before
+def train_tiny(cfg, steps: int) -> list[dict]:
+    """A tiny encoder trained `steps` updates on 4 fixed music crops with `cfg`: each update's logs."""
     torch.manual_seed(0)
-    cfg = dataclasses.replace(CFG, data2vec_clip_weight=1.0, data2vec_ema_all=True)
     model = Data2VecObjective(cfg, Encoder(dataclasses.replace(TINY, dropout=0.0, attention_dropout=0.0)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    audio, lengths, clips = music(items=4), torch.full((4,), 48000), []
-    for step in range(30):
+    audio, lengths, history = music(items=4), torch.full((4,), 48000), []
+    for step in range(steps):
         loss, logs = model(audio, lengths, {}, torch.Generator().manual_seed(step % 4))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        model.after_update(step + 1, 30)
-        clips.append(logs["loss/clip"].item())
+        model.after_update(step + 1, steps)
+        history.append({name: value.item() for name, value in logs.items()})
+    return history
+
+
+def test_the_clip_term_is_learned_and_off_by_default():
+    assert objective().clip_head is None and "clip_head.weight" not in objective().state_dict()  # checkpoints as before
+    clips = [logs["loss/clip"] for logs in train_tiny(dataclasses.replace(CFG, data2vec_clip_weight=1.0,
+                                                                          data2vec_ema_all=True), 30)]
     assert sum(clips[-5:]) / 5 < 0.3 * sum(clips[:5]) / 5 and clips[-1] < 0.5, clips  # chance: ln 4 = 1.39
     with pytest.raises(ConfigError, match="data2vec_clip_weight=-1"):
         load_config("configs/tiny.yaml", ["objective.kind=data2vec", "data.shards=x", "data.labels=[]",
@@ -156,18 +162,9 @@ def test_the_clip_term_is_learned_and_off_by_default():
 
 @pytest.mark.parametrize("ema_all", [True, False])
 def test_a_tiny_model_learns_the_targets(ema_all):
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(CFG, data2vec_ema_decay=0.999, data2vec_ema_end_decay=0.999, data2vec_ema_all=ema_all)
-    model = Data2VecObjective(cfg, Encoder(dataclasses.replace(TINY, dropout=0.0, attention_dropout=0.0)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    audio, lengths, losses = music(items=4), torch.full((4,), 48000), []
-    for step in range(40):
-        loss, logs = model(audio, lengths, {}, torch.Generator().manual_seed(step % 4))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        model.after_update(step + 1, 40)
-        losses.append(logs["loss/data2vec"].item())
+    history = train_tiny(dataclasses.replace(CFG, data2vec_ema_decay=0.999, data2vec_ema_end_decay=0.999,
+                                             data2vec_ema_all=ema_all), 40)
+    losses, logs = [logs["loss/data2vec"] for logs in history], history[-1]
     assert losses[-1] < 0.65 * losses[0], losses  # a fixed teacher's (ema_all) targets fall slower: ~0.57 here
     assert logs["var/prediction"] > 0.05 and logs["var/target"] > 0.5  # learned, not collapsed onto a constant
 
