@@ -131,6 +131,8 @@ def check(cfg: RunConfig, where: str) -> None:
     for key in ("eval_every", "collapse_rank"):
         if getattr(cfg.train, key) < 0:
             raise ConfigError(f"{where}: train.{key} must be at least 0")
+    if cfg.objective.vicreg_weight < 0:
+        raise ConfigError(f"{where}: objective.vicreg_weight={cfg.objective.vicreg_weight}: use 0 (off) or a positive weight")
     if cfg.train.eval_batches < 1:
         raise ConfigError(f"{where}: train.eval_batches must be at least 1")
     if not 0 <= cfg.train.collapse_fraction < 1:

@@ -20,6 +20,8 @@ from pretrain.objectives.data2vec import (Data2VecObjective, clip_contrast, clip
                                          normalise_batch)
 from pretrain.export import load_encoder
 from pretrain.model import Encoder
+from pretrain.objectives.mert import variance_covariance
+from pretrain.validate import collapse_stats
 from test_bestrq import music
 from test_model import TINY
 from test_train import command, final_weights, kill_when_logged, metrics, run, samples
@@ -134,8 +136,8 @@ def test_the_clip_term_asks_each_crop_to_pick_out_its_own_teacher_mean():
     assert torch.allclose(clip_means(x, real), torch.stack([x[0].mean(0), x[1, :2].mean(0)]))
 
 
-def train_tiny(cfg, steps: int) -> list[dict]:
-    """A tiny encoder trained `steps` updates on 4 fixed music crops with `cfg`: each update's logs."""
+def train_tiny(cfg, steps: int) -> tuple[list[dict], Data2VecObjective]:
+    """A tiny encoder trained `steps` updates on 4 fixed music crops with `cfg`: each update's logs, and the model."""
     torch.manual_seed(0)
     model = Data2VecObjective(cfg, Encoder(dataclasses.replace(TINY, dropout=0.0, attention_dropout=0.0)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
@@ -147,13 +149,13 @@ def train_tiny(cfg, steps: int) -> list[dict]:
         optimizer.step()
         model.after_update(step + 1, steps)
         history.append({name: value.item() for name, value in logs.items()})
-    return history
+    return history, model
 
 
 def test_the_clip_term_is_learned_and_off_by_default():
     assert objective().clip_head is None and "clip_head.weight" not in objective().state_dict()  # checkpoints as before
-    clips = [logs["loss/clip"] for logs in train_tiny(dataclasses.replace(CFG, data2vec_clip_weight=1.0,
-                                                                          data2vec_ema_all=True), 30)]
+    history, _ = train_tiny(dataclasses.replace(CFG, data2vec_clip_weight=1.0, data2vec_ema_all=True), 30)
+    clips = [logs["loss/clip"] for logs in history]
     assert sum(clips[-5:]) / 5 < 0.3 * sum(clips[:5]) / 5 and clips[-1] < 0.5, clips  # chance: ln 4 = 1.39
     with pytest.raises(ConfigError, match="data2vec_clip_weight=-1"):
         load_config("configs/tiny.yaml", ["objective.kind=data2vec", "data.shards=x", "data.labels=[]",
@@ -162,8 +164,8 @@ def test_the_clip_term_is_learned_and_off_by_default():
 
 @pytest.mark.parametrize("ema_all", [True, False])
 def test_a_tiny_model_learns_the_targets(ema_all):
-    history = train_tiny(dataclasses.replace(CFG, data2vec_ema_decay=0.999, data2vec_ema_end_decay=0.999,
-                                             data2vec_ema_all=ema_all), 40)
+    history, _ = train_tiny(dataclasses.replace(CFG, data2vec_ema_decay=0.999, data2vec_ema_end_decay=0.999,
+                                                data2vec_ema_all=ema_all), 40)
     losses, logs = [logs["loss/data2vec"] for logs in history], history[-1]
     assert losses[-1] < 0.65 * losses[0], losses  # a fixed teacher's (ema_all) targets fall slower: ~0.57 here
     assert logs["var/prediction"] > 0.05 and logs["var/target"] > 0.5  # learned, not collapsed onto a constant
@@ -272,3 +274,19 @@ def test_sigkill_of_a_two_process_data2vec_run_then_resume_matches_the_uninterru
                                       weights_only=True))["teacher"] for d in (straight, interrupted))
         assert all(torch.allclose(ta[k], tb[k], rtol=0, atol=1e-6) for k in ta), kill_at
         assert samples(straight, rank) == samples(interrupted, rank)
+
+
+def test_vicreg_terms_keep_a_tiny_model_from_dimensional_collapse():
+    gen = torch.Generator().manual_seed(0)
+    white, low_rank = torch.randn(800, 32, generator=gen), torch.randn(800, 2, generator=gen) @ torch.randn(2, 32, generator=gen)
+    assert max(variance_covariance(white)) < 0.1 < variance_covariance(low_rank)[1]  # rank 2: dimensions co-vary
+    assert variance_covariance(torch.zeros(10, 32))[0] > 0.98  # nothing varies: the full variance hinge
+    ranks = {}
+    for weight in (0.0, 1.0):
+        _, model = train_tiny(dataclasses.replace(CFG, data2vec_ema_all=True, vicreg_weight=weight), 30)
+        with torch.no_grad():
+            ranks[weight] = collapse_stats(model.encoder.eval(), music(items=4), torch.full((4,), 48000))["collapse/effective_rank"]
+    assert ranks[1.0] >= 1.3 * ranks[0.0], ranks  # measured: 29 against 19
+    with pytest.raises(ConfigError, match="vicreg_weight=-1"):
+        load_config("configs/tiny.yaml", ["objective.kind=data2vec", "data.shards=x", "data.labels=[]",
+                                          "objective.data2vec_top_k=2", "objective.vicreg_weight=-1"])

@@ -36,6 +36,8 @@ class ObjectiveConfig:
     cqt_bins_per_octave: int = 48
     cqt_fmin: float = 32.7
     feature_penalty: float = 10.0
+    vicreg_weight: float = 0.0  # > 0: adds VICReg's variance and covariance terms (Bardes et al. 2022) of the
+    # student's last-layer frames, this weight x (variance + covariance / 25), against dimensional collapse (README)
     mixup_prob: float = 0.5  # chance that an item gets noise segments from other items
     mixup_segments: tuple[int, int] = (1, 3)
     mixup_seconds: tuple[float, float] = (0.5, 1.0)
@@ -114,6 +116,22 @@ def noise_mixup(audio: torch.Tensor, lengths: torch.Tensor, cfg: ObjectiveConfig
     flat = audio.reshape(-1)
     added = flat[src_index] * keep
     return flat.clone().index_add_(0, dst_index.reshape(-1), added.reshape(-1)).view(batch, samples)
+
+
+VICREG_COVARIANCE_SHARE = 25  # VICReg weighs invariance, variance and covariance 25 : 25 : 1
+
+
+def variance_covariance(frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICReg's variance and covariance terms of the rows of `frames` [N, D], in fp32: the mean over dimensions of
+    how far each one's std falls below 1, and the sum of the squared off-diagonal covariances over D. Together
+    they ask every dimension to vary and no two to vary together: a representation of full rank."""
+    x = frames.float()
+    if len(x) < 2:
+        return x.sum() * 0, x.sum() * 0
+    x = x - x.mean(0)
+    variance = F.relu(1 - torch.sqrt(x.var(0) + 1e-4)).mean()
+    covariance = (x.T @ x / (len(x) - 1)).fill_diagonal_(0).pow(2).sum() / x.shape[1]
+    return variance, covariance
 
 
 def feature_penalty(features: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
@@ -216,11 +234,16 @@ class Objective(nn.Module):
 
     def finish(self, loss: torch.Tensor, logs: dict, audio: torch.Tensor, step: dict,
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Adds the CQT head's term (when on) and the total to the logs."""
+        """Adds the CQT head's and VICReg's terms (when on) and the total to the logs."""
         if self._cqt is not None:
             mse = self.cqt_loss(audio, step["h"], step["frames"], step["picked"])
             loss = loss + self.cfg.cqt_weight * mse
             logs["loss/cqt"] = mse.detach()
+        if self.cfg.vicreg_weight > 0:
+            real = step["x"].new_ones(step["x"].shape[:2], dtype=torch.bool) if step["padding"] is None else ~step["padding"]
+            variance, covariance = variance_covariance(step["x"][real])
+            loss = loss + self.cfg.vicreg_weight * (variance + covariance / VICREG_COVARIANCE_SHARE)
+            logs.update({"loss/variance": variance.detach(), "loss/covariance": covariance.detach()})
         logs["loss"] = loss.detach()
         return loss, logs
 
