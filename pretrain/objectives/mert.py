@@ -130,7 +130,8 @@ def variance_covariance(frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         return x.sum() * 0, x.sum() * 0
     x = x - x.mean(0)
     variance = F.relu(1 - torch.sqrt(x.var(0) + 1e-4)).mean()
-    covariance = (x.T @ x / (len(x) - 1)).fill_diagonal_(0).pow(2).sum() / x.shape[1]
+    covariance = x.T @ x / (len(x) - 1)
+    covariance = (covariance.pow(2).sum() - covariance.diagonal().pow(2).sum()) / x.shape[1]
     return variance, covariance
 
 
