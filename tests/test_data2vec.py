@@ -281,6 +281,8 @@ def test_vicreg_terms_keep_a_tiny_model_from_dimensional_collapse():
     white, low_rank = torch.randn(800, 32, generator=gen), torch.randn(800, 2, generator=gen) @ torch.randn(2, 32, generator=gen)
     assert max(variance_covariance(white)) < 0.1 < variance_covariance(low_rank)[1]  # rank 2: dimensions co-vary
     assert variance_covariance(torch.zeros(10, 32))[0] > 0.98  # nothing varies: the full variance hinge
+    padded, real = torch.cat([white, torch.full((100, 32), 1e6)]), torch.arange(900) < 800
+    assert torch.allclose(torch.stack(variance_covariance(padded, real)), torch.stack(variance_covariance(white)))
     ranks = {}
     for weight in (0.0, 1.0):
         _, model = train_tiny(dataclasses.replace(CFG, data2vec_ema_all=True, vicreg_weight=weight), 30)

@@ -140,9 +140,11 @@ def test_an_update_reads_the_device_once_whatever_its_micro_batches(kind, monkey
     from pretrain.objectives import OBJECTIVES
     from pretrain.step import Progress, TrainStep
 
-    targets = {"mert": [], "data2vec": ["data.labels=[]", "objective.data2vec_top_k=2"], "bestrq": ["data.labels=[]"]}
+    targets = {"mert": [], "data2vec": ["data.labels=[]", "objective.data2vec_top_k=2", "objective.data2vec_clip_weight=1"],
+               "bestrq": ["data.labels=[]"]}
     cfg = load_config("configs/tiny.yaml", ["data.shards=x", "data.labels=[x]", f"objective.kind={kind}",
-                                            "objective.cqt_weight=1", "train.grad_accum=3", *targets[kind]])
+                                            "objective.cqt_weight=1", "objective.vicreg_weight=1", "train.grad_accum=3",
+                                            *targets[kind]])
     books = [16, 8] if kind == "mert" else []
     torch.manual_seed(0)
     model = OBJECTIVES[kind](cfg.objective, Encoder(cfg.model), {"km": books} if books else {})
