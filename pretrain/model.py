@@ -177,6 +177,11 @@ def bert_init(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def real_frames(frames: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+    """[B, T] bool: the frames of an encoder output [B, T, ...] that are real audio, from its "padding" (None: all)."""
+    return torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device) if padding is None else ~padding
+
+
 class Encoder(nn.Module):
     """forward(audio [B, N], lengths [B] | None, mask [B, T] | None) -> dict (see `forward`).
     `checkpoint_activations`: in training with gradients on, each block's activations are recomputed in the

@@ -30,6 +30,7 @@ from torch import nn
 from data.stream import AudioLoader
 from pretrain.config import ConfigError, RunConfig
 from pretrain.metrics import jsonl_rows
+from pretrain.model import real_frames
 
 MASK_SEED = 20240917  # evaluation masks: the same at every eval and in every run
 ENERGY = 0.95  # effective rank: principal components that hold this fraction of the variance
@@ -51,18 +52,12 @@ def effective_rank(x: torch.Tensor, energy: float = ENERGY) -> int:
     return int((share < energy - 1e-9).sum()) + 1
 
 
-def real_frames(out: dict) -> torch.Tensor:
-    """[B, T] bool: the frames of real audio in an encoder output."""
-    x, padding = out["x"], out["padding"]
-    return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if padding is None else ~padding
-
-
 @torch.no_grad()
 def collapse_stats(encoder: nn.Module, audio: torch.Tensor, lengths: torch.Tensor) -> dict[str, float]:
     """Collapse signals of `encoder` (an `Encoder`, put in eval mode by the caller) on one batch, no masking."""
     device, dtype = encoder.projection.weight.device, encoder.projection.weight.dtype
     out = encoder(audio.to(device, dtype), lengths.to(device), None, skip=torch.zeros(encoder.cfg.layers, dtype=torch.bool))
-    real = real_frames(out)
+    real = real_frames(out["x"], out["padding"])
     frames, conv = out["x"][real].double().cpu(), out["features"][real].double().cpu()  # [M, D], [M, C]
     counts = real.sum(1)
     clips = (out["x"].double() * real[..., None]).sum(1)[counts > 0] / counts[counts > 0, None]  # [B', D]

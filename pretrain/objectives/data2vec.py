@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.objectives.bestrq import normalise
-from pretrain.model import Encoder
+from pretrain.model import Encoder, real_frames
 from pretrain.objectives.mert import Objective, ObjectiveConfig
 
 STREAM = "data2vec"  # the logs' name: loss/data2vec
@@ -142,11 +142,6 @@ class Data2VecObjective(Objective):
             loss = loss + self.cfg.data2vec_clip_weight * clip
             logs["loss/clip"] = clip.detach()
         return self.finish(loss, logs, audio, step)
-
-
-def real_frames(frames: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
-    """[B, T] bool: the frames of [B, T, D] that are not padding."""
-    return torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device) if padding is None else ~padding
 
 
 def clip_means(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

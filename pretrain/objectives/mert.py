@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.audio import FRAME_SAMPLES, SAMPLE_RATE
-from pretrain.model import Encoder
+from pretrain.model import Encoder, real_frames
 
 
 @dataclass(frozen=True)
@@ -121,13 +121,13 @@ def noise_mixup(audio: torch.Tensor, lengths: torch.Tensor, cfg: ObjectiveConfig
 VICREG_COVARIANCE_SHARE = 25  # VICReg weighs invariance, variance and covariance 25 : 25 : 1
 
 
-def variance_covariance(frames: torch.Tensor, real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """VICReg's variance and covariance terms of the real rows of `frames` ([..., D]; `real`: [...] bool, default
-    all), in fp32: the mean over dimensions of how far each one's std falls below 1, and the sum of the squared
-    off-diagonal covariances over D. Together they ask every dimension to vary and no two to vary together: a
-    representation of full rank. Masked sums, not boolean indexing, so the host never waits for the device."""
+def variance_covariance(frames: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICReg's variance and covariance terms of the real rows of `frames` ([..., D]; `real`: [...] bool), in fp32:
+    the mean over dimensions of how far each one's std falls below 1, and the sum of the squared off-diagonal
+    covariances over D. Together they ask every dimension to vary and no two to vary together: a representation of
+    full rank. Masked sums, not boolean indexing, so the host never waits for the device."""
     x = frames.float().reshape(-1, frames.shape[-1])
-    weights = (torch.ones(len(x), device=x.device) if real is None else real.reshape(-1).float())[:, None]
+    weights = real.reshape(-1, 1).float()
     count = weights.sum()
     centred = (x - (x * weights).sum(0) / count.clamp(min=1)) * weights
     covariance = centred.T @ centred / (count - 1).clamp(min=1)
@@ -242,7 +242,7 @@ class Objective(nn.Module):
             loss = loss + self.cfg.cqt_weight * mse
             logs["loss/cqt"] = mse.detach()
         if self.cfg.vicreg_weight > 0:
-            variance, covariance = variance_covariance(step["x"], None if step["padding"] is None else ~step["padding"])
+            variance, covariance = variance_covariance(step["x"], real_frames(step["x"], step["padding"]))
             loss = loss + self.cfg.vicreg_weight * (variance + covariance / VICREG_COVARIANCE_SHARE)
             logs.update({"loss/variance": variance.detach(), "loss/covariance": covariance.detach()})
         logs["loss"] = loss.detach()
