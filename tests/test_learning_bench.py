@@ -70,3 +70,14 @@ def test_score_margins_say_when_a_target_is_within_the_test_sets_noise(tmp_path)
     tasks = {task: {"splits": {"train": 9, "valid": 3, "test": test}} for task, test in zip(learning.TASKS, (2, 0, 1))}
     (tmp_path / "probe" / "probe.json").write_text(json.dumps({"tasks": tasks}))
     assert learning.test_clips(str(tmp_path)) == {"pitch": 2, "instrument": 0, "key": 1}
+
+
+def test_a_work_folder_probed_at_another_scale_is_refused_not_reused(tmp_path):
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "probe.json").write_text(json.dumps({"scale": 1.0, "tasks": {}}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("")  # never read: the check comes first
+    with pytest.raises(SystemExit, match=r"probe\.json: .* built with --scale 1, not 2\.5; pass --scale 1"):
+        learning.main(["--run", str(tmp_path / "run"), "--work", str(tmp_path)])  # the default scale
+    learning.check_probe_scale(str(tmp_path / "probe"), 1.0)  # the scale it was built with: fine
+    learning.check_probe_scale(str(tmp_path / "elsewhere"), 2.5)  # none built yet: fine
