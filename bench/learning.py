@@ -342,7 +342,8 @@ def parse_args(argv=None):
     parser.add_argument("--work", help="default bench_out/learning (bench_out/learning-smoke with --smoke)")
     parser.add_argument("--config", help="default configs/small.yaml")
     parser.add_argument("--minutes", type=float, help="training corpus (default 30)")
-    parser.add_argument("--scale", type=float, help="probe corpus: clips per class multiplier (default 2.5: 250 instrument test clips; at 1, the 1.2x target on instrument family is within one test set's noise)")
+    parser.add_argument("--scale", type=float, help="probe corpus: clips per class multiplier (default 2.5: 250 "
+                        "instrument test clips; at 1, the 1.2x target on instrument family is within one test set's noise)")
     parser.add_argument("--teacher", choices=("logmel_chroma", "mfcc"), default="logmel_chroma")
     parser.add_argument("--timbres", choices=("fixed", "random"), default="fixed",
                         help="training corpus voices (python -m data.demo --timbres); the probe corpus always has random ones")
