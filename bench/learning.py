@@ -86,8 +86,13 @@ def py(*args: str) -> list[str]:
 def prepare_training(args, work: str) -> str:
     """Corpus, shards and teacher labels; returns the labels folder."""
     corpus, shards = os.path.join(work, "corpus"), os.path.join(work, "shards")
+    stamp, wanted = os.path.join(work, "corpus.json"), {"minutes": args.minutes, "timbres": args.timbres}
+    check_corpus(stamp, wanted)
     run_stage("corpus", os.path.exists(os.path.join(corpus, "labels.jsonl")),
               [py("data.demo", "--out", corpus, "--minutes", str(args.minutes), "--timbres", args.timbres)], work)
+    if not os.path.exists(stamp):  # a work folder from before the stamp keeps its corpus, unchecked
+        with open(stamp, "w") as file:
+            json.dump(wanted, file)
     run_stage("shards", os.path.exists(os.path.join(shards, "index.json")),
               [py("data.shards", "build", "--input", os.path.join(corpus, "audio"), "--out", shards,
                   "--workers", "2", "--shard-size", "8M")], work)
@@ -133,6 +138,16 @@ def check_probe_scale(probe_dir: str, scale: float) -> None:
     if built != scale:
         sys.exit(f"{probe_dir}/probe.json: this work folder's probe corpus was built with --scale {built:g}, not "
                  f"{scale:g}; pass --scale {built:g} to compare with its runs, or use another --work for scale {scale:g}")
+
+
+def check_corpus(stamp: str, wanted: dict) -> None:
+    """Stops when WORK's training corpus was made with another --minutes or --timbres (WORK/corpus.json): the
+    corpus, its shards and labels would be reused for a run that asked for another."""
+    built = read(stamp) or wanted
+    if built != wanted:
+        flags = " ".join(f"--{key} {value:g}" if isinstance(value, float) else f"--{key} {value}" for key, value in built.items())
+        sys.exit(f"{stamp}: this work folder's training corpus was made with {flags}; pass those to train on it, "
+                 f"or use another --work")
 
 
 def window_seconds(folder: str) -> float:

@@ -81,3 +81,12 @@ def test_a_work_folder_probed_at_another_scale_is_refused_not_reused(tmp_path):
         learning.main(["--run", str(tmp_path / "run"), "--work", str(tmp_path)])  # the default scale
     learning.check_probe_scale(str(tmp_path / "probe"), 1.0)  # the scale it was built with: fine
     learning.check_probe_scale(str(tmp_path / "elsewhere"), 2.5)  # none built yet: fine
+
+
+def test_a_work_folder_with_another_training_corpus_is_refused_not_reused(tmp_path):
+    (tmp_path / "corpus.json").write_text(json.dumps({"minutes": 30.0, "timbres": "fixed"}))
+    args = learning.parse_args(["--work", str(tmp_path), "--timbres", "random"])
+    with pytest.raises(SystemExit, match=r"corpus\.json: .* made with --minutes 30 --timbres fixed; pass those"):
+        learning.prepare_training(args, str(tmp_path))
+    assert not (tmp_path / "corpus").exists()  # refused before any stage ran
+    learning.check_corpus(str(tmp_path / "corpus.json"), {"minutes": 30.0, "timbres": "fixed"})  # the same: fine
