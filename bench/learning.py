@@ -40,6 +40,8 @@ sys.path.insert(0, ROOT)
 
 import soundfile as sf  # noqa: E402
 
+from data.files import atomic_write_json  # noqa: E402
+
 TASKS = ("pitch", "instrument", "key")
 BASELINES = ("mfcc", "chroma", "logmel")
 FEATURE_SETS = ("trained", "random") + BASELINES
@@ -88,11 +90,11 @@ def prepare_training(args, work: str) -> str:
     corpus, shards = os.path.join(work, "corpus"), os.path.join(work, "shards")
     stamp, wanted = os.path.join(work, "corpus.json"), {"minutes": args.minutes, "timbres": args.timbres}
     check_corpus(stamp, wanted)
-    run_stage("corpus", os.path.exists(os.path.join(corpus, "labels.jsonl")),
+    corpus_done = os.path.exists(os.path.join(corpus, "labels.jsonl"))
+    if not corpus_done:  # stamped before it is made, so a killed stage re-runs under the same check; a corpus
+        atomic_write_json(stamp, wanted)  # from before the stamp existed is kept unchecked, never stamped by guess
+    run_stage("corpus", corpus_done,
               [py("data.demo", "--out", corpus, "--minutes", str(args.minutes), "--timbres", args.timbres)], work)
-    if not os.path.exists(stamp):  # a work folder from before the stamp keeps its corpus, unchecked
-        with open(stamp, "w") as file:
-            json.dump(wanted, file)
     run_stage("shards", os.path.exists(os.path.join(shards, "index.json")),
               [py("data.shards", "build", "--input", os.path.join(corpus, "audio"), "--out", shards,
                   "--workers", "2", "--shard-size", "8M")], work)

@@ -90,3 +90,9 @@ def test_a_work_folder_with_another_training_corpus_is_refused_not_reused(tmp_pa
         learning.prepare_training(args, str(tmp_path))
     assert not (tmp_path / "corpus").exists()  # refused before any stage ran
     learning.check_corpus(str(tmp_path / "corpus.json"), {"minutes": 30.0, "timbres": "fixed"})  # the same: fine
+    older = tmp_path / "older"  # a work folder from before the stamp: its corpus is kept, never stamped by guess
+    for made in ("corpus/labels.jsonl", "shards/index.json"):
+        (older / made).parent.mkdir(parents=True)
+        (older / made).write_text("{}")
+    learning.prepare_training(learning.parse_args(["--work", str(older), "--objective", "data2vec"]), str(older))
+    assert not (older / "corpus.json").exists()
