@@ -19,10 +19,12 @@ class Metrics:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.writer = None
         if rank == 0:
-            truncate_jsonl(self.path, resumed_step)  # rows after the checkpoint are about to be redone
+            # Rows after the checkpoint are about to be redone; without one, so is every row (step 0's eval too).
+            redone_from = resumed_step + 1 if resumed_step else 0
+            truncate_jsonl(self.path, redone_from - 1)
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resumed_step + 1)
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=redone_from)
 
     def add(self, logs: dict[str, torch.Tensor]) -> None:
         """One micro-batch's detached logs; no device sync."""

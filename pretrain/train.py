@@ -190,6 +190,8 @@ class Trainer:
         started, start_step = time.perf_counter(), self.step
         self.bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
                         disable=self.rank != 0 or not sys.stderr.isatty())
+        if self.validator and self.step == 0:
+            self.validate()  # the untrained encoder: the collapse alarm's reference
         while self.step < cfg.steps and not step.stop_agreed:  # agreed by every rank: all leave at the same step
             step(batches)
             self.bar.update()

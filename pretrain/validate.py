@@ -1,6 +1,6 @@
 """Validation during training: held-out objective metrics and a representation-collapse alarm.
 
-Every `train.eval_every` steps the trainer calls `Validator.run` on rank 0 (the other ranks wait at a
+At step 0 (the untrained encoder) and every `train.eval_every` steps the trainer calls `Validator.run` on rank 0 (the other ranks wait at a
 barrier, so the numbers do not depend on the world size):
 
 - eval/...: the objective (masked loss and accuracy per codebook, CQT loss, feature penalty, total) on
@@ -12,7 +12,7 @@ barrier, so the numbers do not depend on the world size):
   components holding 95% of the variance) of the final layer's frames, of the clip-mean embeddings and of
   the conv features before their layer norm; the mean per-dimension std of the frames and the fraction
   of dead dimensions. The alarm: a WARNING when an effective rank falls below `train.collapse_rank`
-  or below `train.collapse_fraction` x its value at the run's first eval.
+  or below `train.collapse_fraction` x its value at the run's first eval (step 0's: the encoder at init).
 
 The training RNG streams are untouched (torch's CPU and CUDA generators are forked; the trainer's
 mask generator is never used), so a run with evals resumes exactly.
@@ -126,7 +126,7 @@ def evaluate(model: nn.Module, batches=(), collapse_batch: dict | None = None, s
 def collapse_warning(stats: dict[str, float], step: int, reference: dict | None = None,
                      min_rank: float = 2, fraction: float = 0.1) -> str | None:
     """A WARNING line when an effective rank in `stats` is below `min_rank` or below `fraction` x its value
-    in `reference` (the first eval's scalars, with their "step"); None when nothing collapsed."""
+    in `reference` (the first eval's scalars, at step 0, with their "step"); None when nothing collapsed."""
     found, advice = [], []
     for key, what in COLLAPSE_KEYS.items():
         if key not in stats:

@@ -54,7 +54,7 @@ def test_every_checkpoint_broken_is_refused_leaving_the_run_as_it_was_then_resta
     (previous,) = os.listdir(run_dir / "previous")
     kept = snapshot(run_dir / "previous" / previous)  # the old run, every byte of it
     assert kept == {name: data for name, data in before.items() if name.split(os.sep)[0] in RUN_FILES}
-    assert len(kept["metrics.jsonl"].splitlines()) == 6 and "tensorboard" in kept
+    assert len(kept["metrics.jsonl"].splitlines()) == 7 and "tensorboard" in kept  # step 0's eval and 6 steps
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 9))  # a requeue then resumes: test_checkpoint.py
 
 

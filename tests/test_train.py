@@ -59,8 +59,10 @@ def run(cmd: list[str], expect_ok: bool = True) -> subprocess.CompletedProcess:
 
 
 def metrics(run_dir) -> list[dict]:
+    """The rows of training steps: step 0's, the untrained encoder's eval, is test_validate.py's."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as file:  # a line still being written is not read
-        return [json.loads(line) for line in file if line.endswith("\n")]
+        rows = [json.loads(line) for line in file if line.endswith("\n")]
+    return [row for row in rows if row["step"] > 0]
 
 
 def samples(run_dir, rank: int) -> list[dict]:

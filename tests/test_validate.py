@@ -128,7 +128,7 @@ def test_a_run_writes_eval_and_collapse_rows(train_data, tmp_path):
     done = train(train_data, tmp_path / "run", "train.steps=4", "train.eval_every=2", f"train.eval_shards={shards}",
                  "train.eval_batches=2")
     evals = [r for r in rows(tmp_path / "run") if "eval/loss" in r]
-    assert [r["step"] for r in evals] == [2, 4]
+    assert [r["step"] for r in evals] == [0, 2, 4]  # step 0: the untrained encoder, the alarm's reference
     for row in evals:
         assert row["eval/batches"] == 2 and {"eval/acc/logmel_chroma_0", "eval/loss/cqt"} <= set(row)
         assert row["collapse/effective_rank"] >= 2 and row["collapse/alarm"] == 0
@@ -138,4 +138,12 @@ def test_a_run_writes_eval_and_collapse_rows(train_data, tmp_path):
     # Without eval shards: collapse signals only, on a fixed batch of the training shards.
     train(train_data, tmp_path / "bare", "train.steps=2", "train.eval_every=1")
     bare = [r for r in rows(tmp_path / "bare") if "collapse/effective_rank" in r]
-    assert [r["step"] for r in bare] == [1, 2] and not any(k.startswith("eval/loss") for r in bare for k in r)
+    assert [r["step"] for r in bare] == [0, 1, 2] and not any(k.startswith("eval/loss") for r in bare for k in r)
+
+    # A start killed before its first checkpoint left rows, step 0's eval among them: all are redone, once.
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text('{"step": 0, "collapse/effective_rank": 1.0}\n{"step": 1, "loss": 9.0}\n')
+    train(train_data, killed, "train.steps=2", "train.eval_every=1")
+    assert [r["step"] for r in rows(killed) if "collapse/effective_rank" in r] == [0, 1, 2]
+    assert rows(killed)[0]["collapse/effective_rank"] == bare[0]["collapse/effective_rank"]
