@@ -144,9 +144,9 @@ def collapse_warning(stats: dict[str, float], step: int, reference: dict | None 
             advice.append("The feature penalty can squash the conv features: try objective.feature_penalty=0 "
                           "(or 10x lower), or model.feature_grad_mult=0.1.")
         else:
-            advice.append("Try a lower optim.lr or a longer optim.warmup_steps, resumed from a checkpoint before the "
-                          "collapse, and check the targets (codes that hardly vary across frames make a trivial task: "
-                          "see eval/acc).")
+            advice.append("Try VICReg's terms (objective.vicreg_weight=3, as the CPU presets have them), a lower "
+                          "optim.lr or a longer optim.warmup_steps, resumed from a checkpoint before the collapse, and "
+                          "check the targets (codes that hardly vary across frames make a trivial task: see eval/acc).")
     if not found:
         return None
     dead = stats.get("collapse/dead_dims")

@@ -61,7 +61,8 @@ def test_constant_output_and_squashed_conv_features_raise_the_alarm():
     assert stats["collapse/effective_rank"] == 0 and stats["collapse/dead_dims"] == 1.0
     warning = collapse_warning(stats, 300, healthy)
     assert warning.startswith("WARNING") and "step 300" in warning and "encoder output effective rank 0" in warning
-    assert "optim.lr" in warning and "targets" in warning and "conv features" not in warning
+    assert "objective.vicreg_weight" in warning and "optim.lr" in warning and "targets" in warning
+    assert "conv features" not in warning
 
     with torch.no_grad():
         encoder.extractor.blocks[-1][0].weight.zero_()  # conv features squashed to a constant
