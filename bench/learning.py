@@ -185,8 +185,7 @@ def extract_all(work: str, run_dir: str) -> dict[str, dict[str, str]]:
             run_stage(f"extract {task}/{name}", saved == marker,
                       [py("pretrain.downstream.extract", *source, "--input", audio, "--out", out, "--window-seconds", str(window))],
                       work)
-            with open(os.path.join(out, "bench.json"), "w") as file:
-                json.dump(marker, file)
+            atomic_write_json(os.path.join(out, "bench.json"), marker)
             folders.setdefault(task, {})[name] = out
     return folders
 
@@ -216,8 +215,7 @@ def probe_all(work: str, folders: dict) -> dict:
             if not os.path.exists(cache):
                 started = time.perf_counter()
                 result = best_by_validation(probe(folder, config, verbose=False, device=device))
-                with open(cache, "w") as file:
-                    json.dump(result, file)
+                atomic_write_json(cache, result)  # killed mid-write, a plain write left JSON that stopped every rerun
                 TIMES[f"probe {task}/{name}"] = time.perf_counter() - started
                 print(f"-- probe {task}/{name}: {TIMES[f'probe {task}/{name}']:.1f} s | test {result['metric']} "
                       f"{result['test']:.3f} ({result['layer']})", flush=True)
@@ -431,8 +429,7 @@ def main(argv=None) -> None:
                "stage_seconds": {**(read(os.path.join(work, "learning.json")) or {}).get("stage_seconds", {}),
                                  **{name: round(seconds, 2) for name, seconds in TIMES.items()}},  # stages run before too
                "seconds": round(total, 1)}
-    with open(os.path.join(work, "learning.json"), "w") as file:
-        json.dump(results, file, indent=1)
+    atomic_write_json(os.path.join(work, "learning.json"), results)
     passed = sum(ok for _, ok in checks)
     print(f"\nlearning benchmark: {passed}/{len(checks)} targets met ({'PASS' if passed == len(checks) else 'FAIL'}); "
           f"{total:.0f} s this run; figures in {work}/learning.json")
