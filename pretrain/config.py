@@ -66,7 +66,7 @@ class TrainConfig:
     eval_labels: tuple[str, ...] = ()  # its label folders; (): EVAL_SHARDS/labels/NAME for each data.labels folder .../NAME
     eval_batches: int = 8  # batches of eval_shards per eval
     collapse_rank: int = 2  # WARNING when the output's (or conv features') effective rank falls below this ...
-    collapse_fraction: float = 0.1  # ... or below this x its value at the run's first eval, step 0's (0: no relative check)
+    collapse_fraction: float = 0.1  # ... or below this x its value at step 0's eval (0: no relative check)
 
 
 @dataclass(frozen=True)

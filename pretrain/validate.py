@@ -1,7 +1,7 @@
 """Validation during training: held-out objective metrics and a representation-collapse alarm.
 
-At step 0 (the untrained encoder) and every `train.eval_every` steps the trainer calls `Validator.run` on rank 0 (the other ranks wait at a
-barrier, so the numbers do not depend on the world size):
+At step 0 (the untrained encoder) and every `train.eval_every` steps the trainer calls `Validator.run` on
+rank 0 (the other ranks wait at a barrier, so the numbers do not depend on the world size):
 
 - eval/...: the objective (masked loss and accuracy per codebook, CQT loss, feature penalty, total) on
   the first `train.eval_batches` batches of `train.eval_shards`, read in evaluation mode (each sample once,

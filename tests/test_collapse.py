@@ -65,7 +65,7 @@ def test_tiny_preset_training_keeps_its_features_and_output_from_collapsing(trai
     hundred times the LayerNorm eps; 0.45 without the penalty), and over 1,500 steps on real music the clip
     embeddings collapsed onto one direction. Without VICReg's terms (objective.vicreg_weight: 0, MERT's setting)
     the output frames' effective rank on a held-out batch fell from 35 at init to 13 within these 100 steps (with
-    them: 37); in the learning benchmark the masked predictions then never beat the label prior and every probe's
+    them: 37); in the learning benchmark the masked predictions then hardly beat the label prior and every probe's
     clip rank ended at 1 (bench/LEARNING.md)."""
     shards, labels = train_data
     cfg = load_config("configs/tiny.yaml", [f"data.shards={shards}", f"data.labels=[{labels}]", "data.crop_seconds=1.0",
