@@ -72,6 +72,16 @@ def test_score_margins_say_when_a_target_is_within_the_test_sets_noise(tmp_path)
     assert learning.test_clips(str(tmp_path)) == {"pitch": 2, "instrument": 0, "key": 1}
 
 
+def test_a_target_the_compared_score_leaves_no_room_for_says_so():
+    scores = {task: {"trained": {"test": 0.9}, "random": {"test": 0.5}, "mfcc": {"test": 0.3}} for task in learning.TASKS}
+    scores["instrument"]["random"]["test"] = 0.832  # the small preset's random init: 1.2x is 0.998
+    scores["key"]["random"]["test"] = 0.9  # 1.2x is 1.08
+    notes = learning.headroom_notes(scores, {task: 250 for task in learning.TASKS})
+    assert notes == {"instrument: trained >= 1.2 x random": "needs 0.998: all 250 test clips right",
+                     "key: trained >= 1.2 x random": "unattainable: needs 1.080, above a perfect score"}
+    assert learning.headroom_notes(scores, {task: 1000 for task in learning.TASKS}).keys() == {"key: trained >= 1.2 x random"}
+
+
 def test_a_work_folder_probed_at_another_scale_is_refused_not_reused(tmp_path):
     (tmp_path / "probe").mkdir()
     (tmp_path / "probe" / "probe.json").write_text(json.dumps({"scale": 1.0, "tasks": {}}))
