@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data.audio import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
 from data.stream import StreamConfig
-from pretrain.model import EncoderConfig
+from pretrain.model import FRONTENDS, EncoderConfig
 from pretrain.objectives.mert import ObjectiveConfig
 
 OBJECTIVE_KINDS = ("mert", "bestrq", "data2vec")  # pretrain/objectives' OBJECTIVES: name -> class
@@ -116,6 +116,7 @@ def check(cfg: RunConfig, where: str) -> None:
                "optim.decay": (cfg.optim.decay, ("poly", "cosine")),
                "train.zero_stage": (cfg.train.zero_stage, (0, 1, 2)),
                "model.conv_norm": (cfg.model.conv_norm, ("group", "layer")),
+               "model.frontend": (cfg.model.frontend, FRONTENDS),
                "objective.data2vec_target_norm": (cfg.objective.data2vec_target_norm, TARGET_NORMS)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -196,7 +197,17 @@ def check_data2vec(cfg: RunConfig, where: str) -> None:
 
 def check_frame_geometry(cfg: RunConfig, where: str) -> None:
     """Encoder frame t must be label frame t: the conv stack's total stride is the label hop (data.audio)."""
-    if cfg.model.stride != FRAME_SAMPLES:
+    if cfg.model.frontend != "waveform":
+        if (cfg.model.hop, cfg.model.sample_rate) != (FRAME_SAMPLES, SAMPLE_RATE):
+            raise ConfigError(f"{where}: model.hop={cfg.model.hop} and model.sample_rate={cfg.model.sample_rate} must be "
+                              f"{FRAME_SAMPLES} and {SAMPLE_RATE}, the label geometry ({FRAME_RATE} Hz frames)")
+        for key in ("n_fft", "n_mels", "cqt_bins", "cqt_bins_per_octave", "stem_channels"):
+            if getattr(cfg.model, key) < 1:
+                raise ConfigError(f"{where}: model.{key}={getattr(cfg.model, key)} must be at least 1")
+        if cfg.model.n_fft < cfg.model.hop:
+            raise ConfigError(f"{where}: model.n_fft={cfg.model.n_fft} is shorter than the {cfg.model.hop}-sample hop; "
+                              "use e.g. 2048")
+    elif cfg.model.stride != FRAME_SAMPLES:
         raise ConfigError(f"{where}: model.conv_layers have a total stride of {cfg.model.stride} samples, but labels "
                           f"come every {FRAME_SAMPLES} samples ({FRAME_RATE} Hz at {SAMPLE_RATE} Hz); "
                           f"choose strides whose product is {FRAME_SAMPLES}, e.g. 5, 2, 2, 2, 2, 2, 2")

@@ -1,8 +1,14 @@
-"""The MERT/HuBERT encoder: waveform conv extractor -> projection -> conv positions -> transformer.
+"""The MERT/HuBERT encoder: front end -> projection -> conv positions -> transformer.
 
-24 kHz audio goes through 7 strided convolutions (total stride 320) to 75 Hz
-frames; frame t of the conv output starts at sample 320 t, so it lines up
-with label frame t (the last partial frames are dropped by the convs).
+Front ends (`frontend`), each giving 75 Hz frames from 24 kHz audio:
+- "waveform" (MERT, HuBERT): 7 strided convolutions (total stride 320);
+  frame t of the conv output starts at sample 320 t, so it lines up with
+  label frame t (the last partial frames are dropped by the convs).
+- "logmel" (as MusicFM and MuQ) or "cqt": a log spectrogram computed in the
+  forward pass (fp32, on the input's device; `Spectrogram`), standardised
+  per clip, then a small 2-D conv stem over frequency and time
+  (`SpectrogramStem`). Frame t's window is centred on sample 320 t + 160,
+  the middle of label frame t; N samples give N // 320 frames.
 Blocks are Pre-LN (MERT-330M) or Post-LN (MERT-95M, HuBERT base).
 Attention uses `scaled_dot_product_attention` (a fused kernel) unless
 `attention_relax > 0` and the input is fp16: then it takes an explicit path
@@ -23,8 +29,12 @@ import torch.utils.checkpoint
 from torch import nn
 
 
+FRONTENDS = ("waveform", "logmel", "cqt")
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
+    frontend: str = "waveform"  # "waveform": the conv extractor below; "logmel" | "cqt": a spectrogram and a conv stem
     conv_layers: tuple[tuple[int, int, int], ...] = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
     conv_norm: str = "group"  # "group": GroupNorm on the first conv only (HuBERT base); "layer": LayerNorm after each
     dim: int = 768
@@ -41,14 +51,44 @@ class EncoderConfig:
     layerdrop: float = 0.05
     feature_grad_mult: float = 0.1  # scales the conv extractor's gradient (1.0: plain)
     attention_relax: float = 0.0  # alpha > 0: the overflow-proof explicit attention (fp16)
+    # Spectrogram front ends (frontend "logmel" or "cqt"); the waveform front end ignores these.
+    sample_rate: int = 24000
+    hop: int = 320  # samples per frame: 75 Hz at 24 kHz, the label rate
+    n_fft: int = 2048  # logmel: Hann window of 85 ms, centred on its frame
+    n_mels: int = 128  # logmel: Slaney mel bands from 0 Hz to sample_rate / 2 (MusicFM: 128)
+    cqt_bins: int = 168  # cqt: magnitude CQT (nnAudio), 7 octaves ...
+    cqt_bins_per_octave: int = 24  # ... of 24 bins (quarter tones) ...
+    cqt_fmin: float = 32.7  # ... from C1
+    stem_channels: int = 32  # channels of the stem's two 3x3 convs (each halves the frequency axis)
 
     @property
     def stride(self) -> int:
-        return math.prod(s for _, _, s in self.conv_layers)
+        """Samples per output frame."""
+        return math.prod(s for _, _, s in self.conv_layers) if self.frontend == "waveform" else self.hop
+
+    @property
+    def spectrogram_bins(self) -> int:
+        return self.n_mels if self.frontend == "logmel" else self.cqt_bins
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the front end's output frames (the conv features, or the stem's flattened maps)."""
+        if self.frontend == "waveform":
+            return self.conv_layers[-1][0]
+        return self.stem_channels * stem_bins(self.spectrogram_bins)
+
+
+def stem_bins(bins: int) -> int:
+    """Frequency rows left after the stem's two stride-2 convs (kernel 3, padding 1)."""
+    for _ in range(2):
+        bins = (bins - 1) // 2 + 1
+    return bins
 
 
 def conv_frames(num_samples: torch.Tensor | int, cfg: EncoderConfig):
-    """Frames the conv extractor makes from `num_samples` samples (works on ints and tensors)."""
+    """Frames the front end makes from `num_samples` samples (works on ints and tensors)."""
+    if cfg.frontend != "waveform":
+        return num_samples // cfg.hop
     for _, kernel, stride in cfg.conv_layers:
         num_samples = (num_samples - kernel) // stride + 1
     return num_samples
@@ -59,10 +99,16 @@ def training_flops(cfg: EncoderConfig, num_samples: int) -> float:
     projection, positional conv, transformer matmuls and attention; norms and heads left out.
     MERT-95M: ~66 GF per audio-second at 5 s crops, MERT-330M ~171 GF."""
     macs, samples, channels = 0, num_samples, 1
-    for out, kernel, stride in cfg.conv_layers:
-        samples = (samples - kernel) // stride + 1
-        macs += out * channels * kernel * samples
-        channels = out
+    if cfg.frontend == "waveform":
+        for out, kernel, stride in cfg.conv_layers:
+            samples = (samples - kernel) // stride + 1
+            macs += out * channels * kernel * samples
+            channels = out
+    else:  # the stem's two 3x3 convs (the spectrogram itself is not trained)
+        samples, rows, c = num_samples // cfg.hop, cfg.spectrogram_bins, cfg.stem_channels
+        half = (rows - 1) // 2 + 1
+        macs += samples * 9 * (c * half + c * c * stem_bins(rows))
+        channels = cfg.feature_dim
     frames, dim = samples, cfg.dim
     macs += frames * channels * dim + frames * dim * dim // cfg.pos_conv_groups * cfg.pos_conv_kernel
     macs += cfg.layers * frames * (4 * dim * dim + 2 * dim * cfg.ffn_dim + 2 * frames * dim)
@@ -86,6 +132,80 @@ class ConvExtractor(nn.Module):
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:  # [B, N] -> [B, C, T]
         return self.blocks(audio[:, None])
+
+
+class Spectrogram(nn.Module):
+    """[B, N] audio -> log spectrogram [B, bins, N // hop] in fp32, standardised per clip (mean 0, std 1 over its
+    bins and real frames; padded frames 0). "logmel": log(power mel + 1e-6) of a Hann-windowed STFT; "cqt":
+    log(magnitude CQT + 1e-6) (nnAudio's CQT2010v2). Frame t is centred on sample hop t + hop / 2.
+    Its filters are fixed (no parameters, no state_dict entries) and made in fp32 whatever the model's precision."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self._fixed = {}  # device -> transform pieces, kept off the module tree: precision casts leave them alone
+
+    def fixed(self, device: torch.device):
+        if device not in self._fixed:
+            c = self.cfg
+            if c.frontend == "logmel":
+                import torchaudio.functional as AF
+
+                mel = AF.melscale_fbanks(c.n_fft // 2 + 1, 0.0, c.sample_rate / 2, c.n_mels, c.sample_rate,
+                                         norm="slaney", mel_scale="slaney")
+                self._fixed[device] = (torch.hann_window(c.n_fft, device=device), mel.T.contiguous().to(device))
+            else:
+                from nnAudio.features import CQT2010v2
+
+                self._fixed[device] = CQT2010v2(sr=c.sample_rate, hop_length=c.hop, fmin=c.cqt_fmin, n_bins=c.cqt_bins,
+                                                bins_per_octave=c.cqt_bins_per_octave, output_format="Magnitude", pad_mode="constant",
+                                                verbose=False).to(device)
+        return self._fixed[device]
+
+    @torch.compiler.disable  # nnAudio pads in a try/except Dynamo cannot trace; fixed transforms, nothing to fuse
+    def forward(self, audio: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """`frames` [B]: each clip's real frames (None: all)."""
+        return standardise(self.log_power(audio), frames)
+
+    def log_power(self, audio: torch.Tensor) -> torch.Tensor:
+        """[B, N] -> log(power mel + 1e-6) or log(magnitude CQT + 1e-6) [B, bins, N // hop], fp32 and unnormalised."""
+        c, count = self.cfg, audio.shape[1] // self.cfg.hop
+        with torch.autocast(audio.device.type, enabled=False):  # fp32 whatever the step's autocast
+            audio = audio.float()
+            if c.frontend == "logmel":
+                window, mel = self.fixed(audio.device)
+                left = (c.n_fft - c.hop) // 2  # frame t's window starts at hop t + hop / 2 - n_fft / 2
+                spec = torch.stft(F.pad(audio, (left, c.n_fft - left)), c.n_fft, c.hop, window=window, center=False,
+                                  return_complex=True)
+                power = mel @ spec[..., :count].abs().square()
+            else:  # nnAudio centres frame j on sample hop j: drop half a hop in front
+                power = self.fixed(audio.device)(F.pad(audio, (0, c.hop // 2))[:, c.hop // 2:])[..., :count]
+            return torch.log(power + 1e-6)
+
+
+def standardise(x: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
+    """x [B, C, T]: mean 0 and std 1 over each clip's C x (first `frames`) values; the frames after them become 0."""
+    real = torch.ones_like(x[:, :1]) if frames is None else (
+        torch.arange(x.shape[-1], device=x.device)[None, None] < frames.to(x.device)[:, None, None]).to(x.dtype)
+    count = (real.sum((1, 2), keepdim=True) * x.shape[1]).clamp(min=1)
+    mean = (x * real).sum((1, 2), keepdim=True) / count
+    var = ((x - mean).square() * real).sum((1, 2), keepdim=True) / count
+    return (x - mean) * torch.rsqrt(var + 1e-5) * real
+
+
+class SpectrogramStem(nn.Module):
+    """[B, bins, T] -> [B, feature_dim, T]: two 3x3 convs (GELU) over frequency and time, each halving frequency
+    (a conv subsampling stem as in MusicFM's, keeping the 75 Hz frame rate), channels x rows flattened per frame."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        c = cfg.stem_channels
+        self.convs = nn.Sequential(nn.Conv2d(1, c, 3, stride=(2, 1), padding=1), nn.GELU(),
+                                   nn.Conv2d(c, c, 3, stride=(2, 1), padding=1), nn.GELU())
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        maps = self.convs(spec[:, None].to(self.convs[0].weight.dtype))  # [B, c, rows, T]
+        return maps.flatten(1, 2)
 
 
 class _ChannelLayerNorm(nn.LayerNorm):
@@ -191,10 +311,12 @@ class Encoder(nn.Module):
     def __init__(self, cfg: EncoderConfig, checkpoint_activations: bool = False):
         super().__init__()
         self.cfg, self.checkpoint_activations = cfg, checkpoint_activations
-        conv_dim = cfg.conv_layers[-1][0]
-        self.extractor = ConvExtractor(cfg)
-        self.feature_norm = nn.LayerNorm(conv_dim)
-        self.projection = nn.Linear(conv_dim, cfg.dim)
+        if cfg.frontend not in FRONTENDS:
+            raise ValueError(f"EncoderConfig.frontend={cfg.frontend!r}: use one of {FRONTENDS}")
+        self.spectrogram = None if cfg.frontend == "waveform" else Spectrogram(cfg)
+        self.extractor = ConvExtractor(cfg) if self.spectrogram is None else SpectrogramStem(cfg)
+        self.feature_norm = nn.LayerNorm(cfg.feature_dim)
+        self.projection = nn.Linear(cfg.feature_dim, cfg.dim)
         self.mask_embedding = nn.Parameter(torch.empty(cfg.dim).uniform_())
         self.positions = ConvPositions(cfg)
         self.norm = nn.LayerNorm(cfg.dim)  # before the blocks (Post-LN) or after them (Pre-LN)
@@ -210,13 +332,14 @@ class Encoder(nn.Module):
         """Returns {"x": [B, T, D], "features": conv features [B, T, C] before
         their layer norm (for the feature penalty, as in HuBERT), "projected": the projected features [B, T, D]
         before dropout and masking (what an EMA teacher's blocks see: `contextualise`),
-        "padding": [B, T] bool (True: padding) or None, "layers": [x after each block] if all_layers,
+        "padding": [B, T] bool (True: padding) or None, "embedding": the first block's input [B, T, D],
+        "layers": [x after each block] if all_layers,
         "ffn": [each block's feed-forward output] if all_layers}.
         `skip` ([layers] bool, training only) chooses the layers that layerdrop skips; data-parallel
         training must pass the same choice on every rank (see `layerdrop_choice`), otherwise it is drawn here.
         `keep_every` = T > 1 (inference) keeps 1 of every T frames after the conv extractor (MAEST-style patchout):
         the transformer sees T times fewer frames; "padding" and the outputs are at the reduced rate."""
-        features = self.extractor(audio).transpose(1, 2)
+        features = self.front_end(audio, lengths).transpose(1, 2)
         mult = self.cfg.feature_grad_mult
         if mult != 1.0 and self.training:
             features = features * mult + features.detach() * (1 - mult)
@@ -233,15 +356,23 @@ class Encoder(nn.Module):
         out = self.contextualise(x, padding, all_layers, skip)
         return {**out, "features": features, "projected": projected, "padding": padding}
 
+    def front_end(self, audio: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """[B, N] audio -> the front end's frames [B, feature_dim, T] (the conv features, or the stem's maps)."""
+        if self.spectrogram is None:
+            return self.extractor(audio.to(self.projection.weight.dtype))
+        return self.extractor(self.spectrogram(audio, None if lengths is None else self.frames(lengths)))
+
     def contextualise(self, x: torch.Tensor, padding: torch.Tensor | None, all_layers: bool = False,
                       skip: torch.Tensor | None = None) -> dict:
-        """The positional conv and the blocks on projected (and masked) frames x [B, T, D]: {"x", "layers", "ffn"}."""
+        """The positional conv and the blocks on projected (and masked) frames x [B, T, D]: {"x", "layers", "ffn",
+        "embedding"}."""
         if padding is not None:
             x = x.masked_fill(padding[..., None], 0.0)
         x = self.positions(x)
         if not self.cfg.pre_ln:
             x = self.norm(x)
         x = self.dropout(x)
+        embedding = x  # the first block's input
         attend = None if padding is None else ~padding[:, None, None, :]
         layers, ffns = [], []
         if skip is None:
@@ -255,7 +386,7 @@ class Encoder(nn.Module):
                 ffns.append(ffn)
         if self.cfg.pre_ln:
             x = self.norm(x)
-        return {"x": x, "layers": layers, "ffn": ffns}
+        return {"x": x, "layers": layers, "ffn": ffns, "embedding": embedding}
 
     def run_block(self, block: Block, x: torch.Tensor, attend: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.checkpoint_activations and self.training and torch.is_grad_enabled():

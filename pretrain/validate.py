@@ -55,8 +55,8 @@ def effective_rank(x: torch.Tensor, energy: float = ENERGY) -> int:
 @torch.no_grad()
 def collapse_stats(encoder: nn.Module, audio: torch.Tensor, lengths: torch.Tensor) -> dict[str, float]:
     """Collapse signals of `encoder` (an `Encoder`, put in eval mode by the caller) on one batch, no masking."""
-    device, dtype = encoder.projection.weight.device, encoder.projection.weight.dtype
-    out = encoder(audio.to(device, dtype), lengths.to(device), None, skip=torch.zeros(encoder.cfg.layers, dtype=torch.bool))
+    device = encoder.projection.weight.device  # the encoder casts the audio as its front end needs
+    out = encoder(audio.to(device), lengths.to(device), None, skip=torch.zeros(encoder.cfg.layers, dtype=torch.bool))
     real = real_frames(out["x"], out["padding"])
     frames, conv = out["x"][real].double().cpu(), out["features"][real].double().cpu()  # [M, D], [M, C]
     counts = real.sum(1)

@@ -34,52 +34,69 @@ def test_runs_of_other_objectives_get_their_own_name():
     assert learning.parse_args([]).name == "small"
 
 
+def scores_of(**by_name) -> dict:
+    """scores[task][pooling][name] = {"test": value, "metric": ...} for every task and pooling."""
+    return {task: {pooling: {name: {"test": value, "metric": "accuracy"} for name, value in by_name.items()}
+                   for pooling in learning.POOLINGS} for task in learning.TASKS}
+
+
 def test_compare_prints_one_row_per_finished_benchmark(tmp_path, capsys):
     def result(trained: float, objective: str) -> dict:
-        scores = {task: {"trained": {"test": trained}, "random": {"test": 0.5}} for task in learning.TASKS}
+        scores = scores_of(trained=trained, random=0.5, mfcc=0.3, chroma=0.2, logmel=0.4)
         ranks = {task: {"trained": 4, "random": 20} for task in learning.TASKS}
         return {"scores": scores, "effective_rank": ranks, "overrides": [f"objective.kind={objective}"],
-                "targets": {"a": True, "b": False}}
+                "targets": {"a": True, "b": False, "c": None}}
     for name, trained, objective in (("one", 0.6, "mert"), ("two", 0.25, "data2vec")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "learning.json").write_text(json.dumps(result(trained, objective)))
     learning.main(["--compare", str(tmp_path / "one"), str(tmp_path / "two")])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split()[:4] == ["one", "mert", "0.600", "(1.20x)"] and "4,4,4 / 20,20,20" in lines[1]
-    assert lines[2].split()[:4] == ["two", "data2vec", "0.250", "(0.50x)"] and "1/2" in lines[2]
+    assert lines[1].split()[:6] == ["one", "mert", "0.600", "(1.50x", "best,", "1.20x"] and "4,4,4 / 20,20,20" in lines[1]
+    assert lines[2].split()[:4] == ["two", "data2vec", "0.250", "(0.62x"] and " 1/2 " in lines[2]
     with pytest.raises(SystemExit, match="no learning.json"):
         learning.main(["--compare", str(tmp_path)])
 
 
-def test_score_margins_say_when_a_target_is_within_the_test_sets_noise(tmp_path):
+def verdicts(scores: dict, clips: int, trained_rank: int = 9) -> dict:
+    ranks = {task: {"trained": trained_rank, "random": 8} for task in learning.TASKS}
+    return {row["label"]: row for row in learning.targets(scores, ranks, {task: clips for task in learning.TASKS})}
+
+
+def test_the_trained_encoder_is_held_to_the_best_hand_made_statistic_like_for_like():
     assert learning.standard_error(0.5, 100) == pytest.approx(0.05)
     assert learning.standard_error(1.0, 100) == 0.0
-    scores = {task: {"trained": {"test": 0.66}, "random": {"test": 0.55}, "mfcc": {"test": 0.2}} for task in learning.TASKS}
-    margins = learning.score_margins(scores, {task: 100 for task in learning.TASKS})
-    assert abs(margins["instrument: trained >= 1.2 x random"]) < 1e-9  # 0.66 = 1.2 x 0.55: on the line
-    assert margins["key: trained >= mfcc"] > 2 and "instrument: trained >= mfcc" not in margins
-    scores["pitch"]["trained"]["test"] = 0.75
-    few = learning.score_margins(scores, {task: 50 for task in learning.TASKS})["pitch: trained >= 1.2 x random"]
-    many = learning.score_margins(scores, {task: 400 for task in learning.TASKS})["pitch: trained >= 1.2 x random"]
+    scores = scores_of(trained=0.80, random=0.5, mfcc=0.3, chroma=0.85, logmel=0.6)
+    scores["pitch"]["mean_std"]["logmel"]["test"] = 0.95  # the best differs per task; mean pooling is not judged
+    scores["pitch"]["mean"]["trained"]["test"] = 0.99
+    rows = verdicts(scores, 100)
+    pitch, key = rows["pitch: trained at or above the best hand-made (logmel)"], rows["key: trained at or above the best hand-made (chroma)"]
+    assert pitch["ok"] is False and pitch["margin"] < -2 and pitch["note"] == "0.84x"
+    assert key["ok"] is True and -2 < key["margin"] < 0  # 0.80 against 0.85 on 100 clips: within noise, counts as at
+    assert rows["hand-made: at or above on >= 2 tasks, >= 0.9x on the third"]["ok"] is False  # pitch is at 0.84x
+    scores["pitch"]["mean_std"]["trained"]["test"] = 0.86  # 0.91x of 0.95
+    assert verdicts(scores, 100)["hand-made: at or above on >= 2 tasks, >= 0.9x on the third"]["ok"] is True
+    assert not verdicts(scores, 100, trained_rank=7)["key: effective rank trained >= random"]["ok"]
+    few = verdicts(scores, 50)["key: trained >= 1.2 x random"]["margin"]  # 0.80 against 1.2 x 0.5 = 0.6
+    many = verdicts(scores, 400)["key: trained >= 1.2 x random"]["margin"]
     assert 0 < few < 2 < many  # the same gap is noise on 50 test clips and a result on 400
-    certain = {task: {"trained": {"test": 1.0}, "random": {"test": 0.0}, "mfcc": {"test": 0.0}} for task in learning.TASKS}
-    assert learning.score_margins(certain, {task: 10 for task in learning.TASKS})["key: trained >= mfcc"] == float("inf")
-    zeros = {task: {name: {"test": 0.0} for name in ("trained", "random", "mfcc")} for task in learning.TASKS}
-    assert learning.score_margins(zeros, {task: 10 for task in learning.TASKS})["pitch: trained >= mfcc"] == 0.0
-    (tmp_path / "probe").mkdir()  # the counts data.demo --probe writes into probe.json
-    tasks = {task: {"splits": {"train": 9, "valid": 3, "test": test}} for task, test in zip(learning.TASKS, (2, 0, 1))}
-    (tmp_path / "probe" / "probe.json").write_text(json.dumps({"tasks": tasks}))
-    assert learning.test_clips(str(tmp_path)) == {"pitch": 2, "instrument": 0, "key": 1}
 
 
-def test_a_target_the_compared_score_leaves_no_room_for_says_so():
-    scores = {task: {"trained": {"test": 0.9}, "random": {"test": 0.5}, "mfcc": {"test": 0.3}} for task in learning.TASKS}
-    scores["instrument"]["random"]["test"] = 0.832  # the small preset's random init: 1.2x is 0.998
-    scores["key"]["random"]["test"] = 0.9  # 1.2x is 1.08
-    notes = learning.headroom_notes(scores, {task: 250 for task in learning.TASKS})
-    assert notes == {"instrument: trained >= 1.2 x random": "needs 0.998: all 250 test clips right",
-                     "key: trained >= 1.2 x random": "unattainable: needs 1.080, above a perfect score"}
-    assert learning.headroom_notes(scores, {task: 1000 for task in learning.TASKS}).keys() == {"key: trained >= 1.2 x random"}
+def test_a_random_init_that_leaves_no_room_for_1_2x_is_not_judged_and_says_so():
+    scores = scores_of(trained=0.9, random=0.5, mfcc=0.3, chroma=0.2, logmel=0.4)
+    scores["instrument"]["mean_std"]["random"]["test"] = 0.832  # 1.2x is 0.998
+    scores["key"]["mean_std"]["random"]["test"] = 0.9  # 1.2x is 1.08
+    rows = verdicts(scores, 250)
+    assert rows["instrument: trained >= 1.2 x random"]["ok"] is None
+    assert rows["instrument: trained >= 1.2 x random"]["note"] == "no room: needs 0.998, all 250 test clips right"
+    assert rows["key: trained >= 1.2 x random"]["note"] == "no room: needs 1.080, above a perfect score"
+    assert rows["pitch: trained >= 1.2 x random"]["ok"] is True
+    assert verdicts(scores, 1000)["instrument: trained >= 1.2 x random"]["ok"] is False  # 0.998 < 999/1000: room
+
+
+def test_the_chart_is_written_beside_the_figures(tmp_path):
+    scores = scores_of(trained=0.9, random=0.5, mfcc=0.3, chroma=0.2, logmel=0.4)
+    learning.plot(scores, {task: 100 for task in learning.TASKS}, str(tmp_path / "learning.png"), "a title")
+    assert (tmp_path / "learning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_work_folder_probed_at_another_scale_is_refused_not_reused(tmp_path):
@@ -100,6 +117,12 @@ def test_a_work_folder_with_another_training_corpus_is_refused_not_reused(tmp_pa
         learning.prepare_training(args, str(tmp_path))
     assert not (tmp_path / "corpus").exists()  # refused before any stage ran
     learning.check_corpus(str(tmp_path / "corpus.json"), {"minutes": 30.0, "timbres": "fixed"})  # the same: fine
+    recordings = tmp_path / "recordings"
+    recordings.mkdir()
+    with pytest.raises(SystemExit, match=r"made with --minutes 30 --timbres fixed"):  # a folder of recordings instead
+        learning.prepare_training(learning.parse_args(["--work", str(tmp_path), "--corpus", str(recordings)]), str(tmp_path))
+    with pytest.raises(SystemExit):
+        learning.parse_args(["--corpus", str(tmp_path / "nowhere")])
     older = tmp_path / "older"  # a work folder from before the stamp: its corpus is kept, never stamped by guess
     for made in ("corpus/labels.jsonl", "shards/index.json"):
         (older / made).parent.mkdir(parents=True)

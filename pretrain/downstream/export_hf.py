@@ -1,8 +1,15 @@
 """Hugging Face export: `python -m pretrain.downstream.export_hf --ckpt MODEL_PT_OR_RUN_DIR --out FOLDER`.
 
-FOLDER then loads offline, as a `HubertModel`, with
+An encoder with the waveform front end (model.frontend "waveform", MERT's)
+loads offline, as a `HubertModel`, with
 `transformers.AutoModel.from_pretrained(FOLDER)`, and its hidden states equal
-ours. Exporting needs only torch and safetensors; loading needs transformers.
+ours. An encoder with a spectrogram front end ("logmel", "cqt") has no
+transformers class: as MERT's own releases do, the folder then carries its
+code (`modeling_musicpt.py` from hf_remote/, and `musicpt_encoder.py`, a copy
+of pretrain/model.py) and loads with
+`AutoModel.from_pretrained(FOLDER, trust_remote_code=True)`; its weights keep
+our names under `encoder.`. Exporting needs only torch and safetensors;
+loading needs transformers.
 
     from transformers import AutoModel
     model = AutoModel.from_pretrained("FOLDER").eval()
@@ -111,6 +118,28 @@ def load_source(path: str) -> tuple[Encoder, dict]:
 
 # -- converting
 
+REMOTE_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote", "modeling_musicpt.py")
+ENCODER_CODE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model.py")
+
+
+def uses_remote_code(cfg: EncoderConfig) -> bool:
+    """Spectrogram front ends have no transformers class: their folder carries its own code."""
+    return cfg.frontend != "waveform"
+
+
+def hf_weights(encoder: Encoder) -> dict[str, torch.Tensor]:
+    """The folder's tensors: HubertModel's names, or ours under `encoder.` (remote code)."""
+    if uses_remote_code(encoder.cfg):
+        return {f"encoder.{name}": t.detach().float().clone().contiguous() for name, t in encoder.state_dict().items()}
+    return hubert_state_dict(encoder.state_dict())
+
+
+def remote_config(cfg: EncoderConfig) -> dict:
+    """config.json of a remote-code folder: MusicPTConfig (hf_remote/modeling_musicpt.py) holding our EncoderConfig."""
+    return {"architectures": ["MusicPTModel"], "model_type": "musicpt", "encoder": asdict(cfg),
+            "auto_map": {"AutoConfig": "modeling_musicpt.MusicPTConfig", "AutoModel": "modeling_musicpt.MusicPTModel"}}
+
+
 def hubert_names(name: str) -> list[str] | None:
     """HubertModel's name(s) for one of our state_dict names: three (q_proj, k_proj, v_proj) for a fused qkv
     tensor, whose output rows are q, then k, then v; None when it has no counterpart. `pretrain.init_from` reads
@@ -165,6 +194,13 @@ def preprocessor_config() -> dict:
 
 def readme(name: str, cfg: EncoderConfig, meta: dict, parameters: int) -> str:
     """README.md of the exported folder: what the model is and how to feed it."""
+    remote = uses_remote_code(cfg)
+    kind = (f"with its own code (a {cfg.frontend} spectrogram front end has no transformers class; "
+            "`modeling_musicpt.py`, `musicpt_encoder.py`)" if remote else "as a `HubertModel`")
+    load = 'AutoModel.from_pretrained("path/to/this/folder", trust_remote_code=True)' if remote else \
+        'AutoModel.from_pretrained("path/to/this/folder")'
+    where = ("the middle of its frame: frame t covers samples " f"[{cfg.stride} t, {cfg.stride} (t + 1))" if remote
+             else f"frame t starts at sample {cfg.stride} t")
     step = meta.get("step")
     blocks = "Pre-LN (final LayerNorm after the blocks)" if cfg.pre_ln else "Post-LN"
     trained = f"step {step}" if step is not None else "training step unknown"
@@ -172,20 +208,20 @@ def readme(name: str, cfg: EncoderConfig, meta: dict, parameters: int) -> str:
     return f"""# {name}
 
 A musicpt MERT/HuBERT-style music audio encoder exported for Hugging Face
-transformers as a `HubertModel`: {parameters / 1e6:.2f}M parameters, {cfg.layers} blocks of width
+transformers {kind}: {parameters / 1e6:.2f}M parameters, {cfg.layers} blocks of width
 {cfg.dim}, {blocks}; {trained}, from `{meta.get("checkpoint")}`.
 
 - Input: **{SAMPLE_RATE} Hz mono float audio** in [-1, 1], shape [batch, samples].
   Resample other audio to {SAMPLE_RATE} Hz and mix it down to mono first.
 - The waveform is **not normalised** (no zero-mean / unit-variance step): the feature
   extractor (`preprocessor_config.json`) has `do_normalize: false`; pass the audio as it is.
-- Output: {rate:g} Hz frames (one per {cfg.stride} samples; frame t starts at sample {cfg.stride} t).
+- Output: {rate:g} Hz frames (one per {cfg.stride} samples; {where}).
 
 ```python
 import torch
 from transformers import AutoModel
 
-model = AutoModel.from_pretrained("path/to/this/folder").eval()
+model = {load}.eval()
 audio = torch.zeros(1, {SAMPLE_RATE} * 5)  # 5 s of {SAMPLE_RATE} Hz mono float audio
 with torch.no_grad():
     out = model(audio, output_hidden_states=True)
@@ -222,7 +258,7 @@ def write_files(folder: str, cfg: EncoderConfig, weights: dict[str, torch.Tensor
     """Every file of an export into the (new, empty) `folder`."""
     parameters = sum(t.numel() for t in weights.values())
     documents = {
-        "config.json": hubert_config(cfg),
+        "config.json": remote_config(cfg) if uses_remote_code(cfg) else hubert_config(cfg),
         "preprocessor_config.json": preprocessor_config(),
         MARKER: {"format": FORMAT, "name": name, "checkpoint": meta.get("checkpoint"), "step": meta.get("step"),
                  "encoder_config": asdict(cfg)},
@@ -232,6 +268,9 @@ def write_files(folder: str, cfg: EncoderConfig, weights: dict[str, torch.Tensor
             json.dump(document, file, indent=2, sort_keys=True)
             file.write("\n")
     save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    if uses_remote_code(cfg):
+        shutil.copyfile(REMOTE_CODE, os.path.join(folder, "modeling_musicpt.py"))
+        shutil.copyfile(ENCODER_CODE, os.path.join(folder, "musicpt_encoder.py"))
     with open(os.path.join(folder, "README.md"), "w") as file:
         file.write(readme(name, cfg, meta, parameters))
 
@@ -257,7 +296,7 @@ def export_hf(ckpt: str, out: str, name: str | None = None) -> dict:
     out = os.path.abspath(out)
     check_destination(out)
     encoder, meta = load_source(ckpt)
-    weights = hubert_state_dict(encoder.state_dict())
+    weights = hf_weights(encoder)
     parameters = sum(t.numel() for t in weights.values())
     name = name or default_name(parameters)
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -271,7 +310,7 @@ def export_hf(ckpt: str, out: str, name: str | None = None) -> dict:
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     return {"checkpoint": meta.get("checkpoint"), "step": meta.get("step"), "parameters": parameters,
-            "name": name, "out": out}
+            "name": name, "out": out, "remote_code": uses_remote_code(encoder.cfg)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -288,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {error}")
     print(f"exported {report['name']} from {report['checkpoint']} (step {report['step']}, "
           f"{report['parameters'] / 1e6:.2f}M parameters) to {report['out']}: "
-          "load it with transformers.AutoModel.from_pretrained")
+          "load it with transformers.AutoModel.from_pretrained"
+          f"{' (trust_remote_code=True)' if report['remote_code'] else ''}")
 
 
 if __name__ == "__main__":

@@ -79,13 +79,8 @@ class EncoderLayers:
 
     @torch.no_grad()
     def __call__(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        captured = []
-        hook = self.encoder.blocks[0].register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-        try:
-            out = self.encoder(audio.to(self.device), lengths.to(self.device), all_layers=True, keep_every=self.patchout)
-        finally:
-            hook.remove()
-        layers = captured + out["layers"][:-1] + [out["x"]]
+        out = self.encoder(audio.to(self.device), lengths.to(self.device), all_layers=True, keep_every=self.patchout)
+        layers = [out["embedding"]] + out["layers"][:-1] + [out["x"]]
         return layers, (~out["padding"]).sum(1)
 
 

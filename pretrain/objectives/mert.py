@@ -227,7 +227,7 @@ class Objective(nn.Module):
         mask, picked = self.draw_mask(lengths, frames, audio.device, generator)
         lengths = lengths.to(audio.device, non_blocking=True)
         noisy = noise_mixup(audio, lengths, self.cfg, generator) if self.training else audio
-        out = self.encoder(noisy.to(self.encoder.projection.weight.dtype), lengths, mask, skip=skip)
+        out = self.encoder(noisy, lengths, mask, skip=skip)  # the encoder casts what its front end needs
         h = out["x"].flatten(0, 1).index_select(0, picked)
         penalty = feature_penalty(out["features"], out["padding"])
         logs = {"masked_frames": mask.sum(), "feature_penalty": penalty.detach()}
