@@ -6,14 +6,22 @@ Three tasks, each a folder ``DIR/TASK`` with ``audio/TASK_NNNN.wav`` (24 kHz
 mono 16-bit) and ``labels.jsonl`` (``file`` as ``pretrain.downstream.extract --input
 DIR/TASK`` names the clip, the label, ``split``, the ``timbre`` ids):
 
-* ``pitch``: single ~1.5 s notes, MIDI 36-96 (61 classes), each played by a
-  randomly generated timbre (``random_timbre``); a timbre plays ~8 pitches
-  across the range and belongs to one split only.
+* ``pitch``: the predominant note of a 1 s clip, MIDI 36-96 (61 classes),
+  each played by a randomly generated timbre (``random_timbre``); a timbre
+  plays ~8 pitches across the range and belongs to one split only. Under it,
+  6-15 dB quieter, one or two other notes of another random timbre.
 * ``instrument``: ~3 s melodic phrases by 10 families (``FAMILIES``), each a
   synthesis recipe with its own parameter ranges and register; every clip is
-  played by its own random member of the family.
+  played by its own random member of the family, over a chord 8-16 dB
+  quieter played by a random timbre.
 * ``key``: ~4 s chord progressions (block or arpeggiated, bass, optional
   melody) in the 24 keys, played by random timbres of their clip only.
+
+Every clip is then played in a room (``in_a_room``: a random exponentially
+decaying reverb, RT60 0.2-1.2 s) and recorded with coloured background noise
+at 10-30 dB SNR. Without the mixes, the room and the noise, log-mel and MFCC
+statistics scored above 0.99 on pitch and instrument family: too easy to tell
+encoders apart (version 1 of the corpus).
 
 Clips of a class come in rounds; round ``r`` of every class is in split
 ``SPLIT_CYCLE[r % 12]`` (8 train, 2 valid, 2 test), and the first three rounds
@@ -40,15 +48,20 @@ from data.audio import SAMPLE_RATE as SR
 from data.demo import NYQUIST_MARGIN, PITCH_NAMES, SCALE_STEPS as SCALES, _atomic_write, midi_to_hz
 
 FORMAT = "musicpt-probe/1"
-VERSION = 1  # bump when the synthesis changes what a (seed, task, i) sounds like
+VERSION = 2  # bump when the synthesis changes what a (seed, task, i) sounds like (2: mixes, rooms, noise)
 TASKS = ("pitch", "instrument", "key")
 TASK_TAGS = {"pitch": 0x7069, "instrument": 0x696E, "key": 0x6B65}
 TIMBRE_TAG = 0x74696D
+BACKGROUND_TAG = 0x626B67  # the accompaniment's timbre: one of the clip's own
+BACKGROUND_DB = {"pitch": (6.0, 15.0), "instrument": (8.0, 16.0)}  # the accompaniment this far below the foreground
+RT60_S = (0.2, 1.2)  # the room's reverberation time
+DIRECT_TO_REVERB_DB = (-3.0, 9.0)
+SNR_DB = (10.0, 30.0)  # the background noise
 SPLIT_CYCLE = ("train", "valid", "test", "train", "train", "train",
                "train", "train", "valid", "test", "train", "train")
 PITCH_LOW, PITCH_HIGH = 36, 96
 PITCH_TIMBRES_PER_ROUND = 8  # in a round, timbre c plays the pitches p with p % 8 == c
-CLIP_SECONDS = {"pitch": 1.5, "instrument": 3.0, "key": 4.0}
+CLIP_SECONDS = {"pitch": 1.0, "instrument": 3.0, "key": 4.0}
 CLIPS_PER_CLASS = {"pitch": 12, "instrument": 60, "key": 36}  # at scale 1.0: ~100+ test clips per task
 MIN_CLIPS_PER_CLASS = 3  # one round of each split
 DETUNE_GAIN = 0.8  # of a voice's detuned copy
@@ -379,7 +392,8 @@ def render_note(voice: Voice, midi: float, hold_s: float, length: int, rng: np.r
 
 
 def render_clip(notes, seconds: float, rng: np.random.Generator) -> np.ndarray:
-    """Mix (start_s, hold_s, midi, velocity, voice) notes, fade out, peak-normalise to 0.5-0.9, add a little noise."""
+    """Mix (start_s, hold_s, midi, velocity, voice) notes, fade out, play them in a room with background noise
+    (`in_a_room`), peak-normalise to 0.5-0.9."""
     total = int(round(seconds * SR))
     out = np.zeros(total)
     for start_s, hold_s, midi, velocity, voice in notes:
@@ -389,9 +403,28 @@ def render_clip(notes, seconds: float, rng: np.random.Generator) -> np.ndarray:
             out[start:start + length] += velocity * render_note(voice, midi, hold_s, length, rng)
     fade = int(0.02 * SR)
     out[-fade:] *= np.linspace(1.0, 0.0, fade)
+    out = in_a_room(out, rng)
     out *= rng.uniform(0.5, 0.9) / max(np.max(np.abs(out)), 1e-9)
-    out += rng.uniform(3e-4, 1.5e-3) * rng.standard_normal(total)
     return np.clip(out, -1.0, 1.0).astype(np.float32)
+
+
+def in_a_room(dry: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`dry` through a random room (an exponentially decaying noise impulse response of RT60 in RT60_S, mixed at a
+    direct-to-reverberant ratio in DIRECT_TO_REVERB_DB), plus noise at an SNR in SNR_DB whose spectrum falls by
+    0-6 dB an octave (white to brown); the same length as `dry`."""
+    rt60 = _u(rng, *RT60_S)
+    t = np.arange(int(rt60 * SR)) / SR
+    response = rng.standard_normal(len(t)) * np.exp(-6.9 * t / rt60)  # -60 dB at rt60
+    wet = signal.fftconvolve(dry, response)[: len(dry)]
+    wet *= np.sqrt(np.mean(dry**2) / max(np.mean(wet**2), 1e-20)) * 10 ** (-_u(rng, *DIRECT_TO_REVERB_DB) / 20)
+    room = dry + wet
+    slope = _u(rng, 0.0, 1.0)  # spectral slope of the noise: power ~ f ** -(2 slope), 0 white, 1 brown
+    spectrum = np.fft.rfft(rng.standard_normal(len(dry)))
+    spectrum[1:] *= np.arange(1, len(spectrum)) ** -slope
+    spectrum[0] = 0
+    noise = np.fft.irfft(spectrum, len(dry))
+    noise *= np.sqrt(np.mean(room**2) / max(np.mean(noise**2), 1e-20)) * 10 ** (-_u(rng, *SNR_DB) / 20)
+    return room + noise
 
 
 def wav_bytes(audio: np.ndarray) -> bytes:
@@ -434,6 +467,15 @@ def note_name(midi: int) -> str:
     return f"{PITCH_NAMES[midi % 12]}{midi // 12 - 1}"
 
 
+def background(seed: int, task: str, index: int, rng, seconds: float, pitches: list[int], start: float = 0.02,
+               ) -> list:
+    """`pitches` held together for the clip by a random timbre of clip `index` alone, BACKGROUND_DB below the
+    foreground (whose velocities are 0.6-1.0): the accompaniment a note or phrase is heard inside."""
+    voice = random_timbre(timbre_rng(seed, task, BACKGROUND_TAG, index))
+    velocity = 0.8 * 10 ** (-_u(rng, *BACKGROUND_DB[task]) / 20)
+    return [(start, seconds - start - 0.1, midi, velocity, voice) for midi in pitches]
+
+
 def plan_pitch(seed: int, index: int):
     classes = num_classes("pitch")
     position, round_ = index % classes, index // classes
@@ -441,10 +483,13 @@ def plan_pitch(seed: int, index: int):
     number = round_ * PITCH_TIMBRES_PER_ROUND + position % PITCH_TIMBRES_PER_ROUND
     voice = random_timbre(timbre_rng(seed, "pitch", number))
     rng, _ = clip_rngs(seed, "pitch", index)
-    notes = [(_u(rng, 0.01, 0.05), _u(rng, 0.9, 1.15), pitch, _u(rng, 0.6, 1.0), voice)]
+    seconds = CLIP_SECONDS["pitch"]
+    notes = [(_u(rng, 0.01, 0.05), _u(rng, 0.6, 0.8), pitch, _u(rng, 0.6, 1.0), voice)]
+    others = [m for m in range(PITCH_LOW, PITCH_HIGH + 1) if m % 12 != pitch % 12]  # another pitch class
+    under = [int(m) for m in rng.choice(others, size=int(rng.integers(1, 3)), replace=False)]
     record = {"pitch": pitch, "note": note_name(pitch), "f0_hz": round(midi_to_hz(pitch), 3),
-              "timbre": f"pitch-{number:04d}", "split": split_of_round(round_)}
-    return record, notes
+              "timbre": f"pitch-{number:04d}", "background": under, "split": split_of_round(round_)}
+    return record, notes + background(seed, "pitch", index, rng, seconds, under)
 
 
 def _phrase(family: Family, rng, seconds: float) -> tuple[str, list]:
@@ -473,9 +518,12 @@ def plan_instrument(seed: int, index: int):
     voice = family.member(timbre_rng(seed, "instrument", family_id, round_))
     rng, _ = clip_rngs(seed, "instrument", index)
     key, notes = _phrase(family, rng, CLIP_SECONDS["instrument"])
+    tonic, mode = PITCH_NAMES.index(key.split()[0]), key.split()[1]
+    chord = [48 + (tonic - 48) % 12 + o for o in CHORDS[mode]["I" if mode == "major" else "i"]]  # the phrase's tonic
     record = {"family": name, "timbre": f"{name}-{round_:04d}", "phrase_key": key,
-              "notes": [n[2] for n in notes], "split": split_of_round(round_)}
-    return record, [(*note, voice) for note in notes]
+              "notes": [n[2] for n in notes], "background": chord, "split": split_of_round(round_)}
+    return record, [(*note, voice) for note in notes] + background(seed, "instrument", index, rng,
+                                                                   CLIP_SECONDS["instrument"], chord)
 
 
 # Triads as semitones above the tonic (minor uses the harmonic minor's major V).
