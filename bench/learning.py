@@ -18,7 +18,8 @@ MARBLE-style probes. The table gives each task's primary metric (accuracy; key: 
 probe with the best validation score among every single layer and the weighted sum of layers, and the effective
 rank (principal components holding 95% of the variance of the centred final-layer clip means). The targets ask
 the trained encoder to reach the best hand-made statistic and 1.2x its random init, at mean+std pooling. Figures
-go to WORK/learning.json, a chart to WORK/learning.png. The exit code is 0 whether the targets pass or fail.
+go to WORK/learning.json and WORK/results/NAME.json (bench/learning_table.py makes the docs' tables of those), a
+chart to WORK/learning.png. The exit code is 0 whether the targets pass or fail.
 
 `--objective` trains the same preset on the same corpus with another objective.kind (OBJECTIVE_SETTINGS: the
 reference settings of each, scaled only where the preset's depth requires); bestrq and data2vec need no k-means
@@ -496,7 +497,9 @@ def main(argv=None) -> None:
     total = time.perf_counter() - started
     corpus = os.path.abspath(args.corpus) if args.corpus else (
         f"the training corpus of {run_dir}" if args.run else f"synthetic, {args.minutes:g} min, {args.timbres} timbres")
-    results = {"config": args.config, "name": args.name, "objective": run_config(run_dir).objective.kind,
+    cfg = run_config(run_dir)
+    results = {"config": args.config, "name": args.name, "objective": cfg.objective.kind, "frontend": cfg.model.frontend,
+               "seed": cfg.train.seed, "steps": cfg.train.steps,
                "teacher": args.teacher, "corpus": corpus,
                "scale": args.scale, "overrides": args.overrides, "training": training, "scores": scores,
                "effective_rank": ranks, "targets": {row["label"]: row["ok"] for row in checks}, "test_clips": clips,
@@ -506,6 +509,7 @@ def main(argv=None) -> None:
                                  **{name: round(seconds, 2) for name, seconds in TIMES.items()}},  # stages run before too
                "seconds": round(total, 1)}
     atomic_write_json(os.path.join(work, "learning.json"), results)
+    atomic_write_json(os.path.join(work, "results", f"{args.name}.json"), results)  # each run's, kept (bench/learning_table.py)
     plot(scores, clips, os.path.join(work, "learning.png"), f"{args.name}: {results['corpus']}")
     judged = [row["ok"] for row in checks if row["ok"] is not None]
     print(f"\nlearning benchmark: {sum(judged)}/{len(judged)} targets met ({'PASS' if all(judged) else 'FAIL'}"

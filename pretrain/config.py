@@ -117,6 +117,7 @@ def check(cfg: RunConfig, where: str) -> None:
                "train.zero_stage": (cfg.train.zero_stage, (0, 1, 2)),
                "model.conv_norm": (cfg.model.conv_norm, ("group", "layer")),
                "model.frontend": (cfg.model.frontend, FRONTENDS),
+               "model.stem": (cfg.model.stem, ("conv2d", "conv1d")),
                "objective.data2vec_target_norm": (cfg.objective.data2vec_target_norm, TARGET_NORMS)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -62,7 +62,8 @@ def from_hf(folder: str, encoder: Encoder) -> dict[str, torch.Tensor]:
 ARCHITECTURE = {"frontend": None, "pre_ln": "do_stable_layer_norm", "conv_norm": "feat_extract_norm",
                 "heads": "num_attention_heads", "conv_layers": None, "pos_conv_kernel": "num_conv_pos_embeddings",
                 "pos_conv_groups": "num_conv_pos_embedding_groups"}
-SPECTROGRAM = ("sample_rate", "hop", "n_fft", "n_mels", "cqt_bins", "cqt_bins_per_octave", "cqt_fmin", "stem_channels")
+SPECTROGRAM = ("sample_rate", "hop", "n_fft", "n_mels", "cqt_bins", "cqt_bins_per_octave", "cqt_fmin", "stem",
+               "stem_channels")
 
 
 def architecture(cfg) -> dict:

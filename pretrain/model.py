@@ -59,7 +59,9 @@ class EncoderConfig:
     cqt_bins: int = 168  # cqt: magnitude CQT (nnAudio), 7 octaves ...
     cqt_bins_per_octave: int = 24  # ... of 24 bins (quarter tones) ...
     cqt_fmin: float = 32.7  # ... from C1
-    stem_channels: int = 32  # channels of the stem's two 3x3 convs (each halves the frequency axis)
+    stem: str = "conv2d"  # "conv2d": two 3x3 convs over frequency and time, each halving frequency (MusicFM's stem
+    #                      at our frame rate); "conv1d": two convs of 3 frames over all bins (Whisper's, stride 1)
+    stem_channels: int = 32  # channels of the stem's convs
 
     @property
     def stride(self) -> int:
@@ -75,7 +77,7 @@ class EncoderConfig:
         """Channels of the front end's output frames (the conv features, or the stem's flattened maps)."""
         if self.frontend == "waveform":
             return self.conv_layers[-1][0]
-        return self.stem_channels * stem_bins(self.spectrogram_bins)
+        return self.stem_channels * (stem_bins(self.spectrogram_bins) if self.stem == "conv2d" else 1)
 
 
 def stem_bins(bins: int) -> int:
@@ -104,10 +106,10 @@ def training_flops(cfg: EncoderConfig, num_samples: int) -> float:
             samples = (samples - kernel) // stride + 1
             macs += out * channels * kernel * samples
             channels = out
-    else:  # the stem's two 3x3 convs (the spectrogram itself is not trained)
+    else:  # the stem's two convs (the spectrogram itself is not trained)
         samples, rows, c = num_samples // cfg.hop, cfg.spectrogram_bins, cfg.stem_channels
         half = (rows - 1) // 2 + 1
-        macs += samples * 9 * (c * half + c * c * stem_bins(rows))
+        macs += samples * (9 * (c * half + c * c * stem_bins(rows)) if cfg.stem == "conv2d" else 3 * c * (rows + c))
         channels = cfg.feature_dim
     frames, dim = samples, cfg.dim
     macs += frames * channels * dim + frames * dim * dim // cfg.pos_conv_groups * cfg.pos_conv_kernel
@@ -194,18 +196,25 @@ def standardise(x: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
 
 
 class SpectrogramStem(nn.Module):
-    """[B, bins, T] -> [B, feature_dim, T]: two 3x3 convs (GELU) over frequency and time, each halving frequency
-    (a conv subsampling stem as in MusicFM's, keeping the 75 Hz frame rate), channels x rows flattened per frame."""
+    """[B, bins, T] -> [B, feature_dim, T], GELU after each conv, time stride 1 (75 Hz kept). "conv2d": two 3x3
+    convs over frequency and time, each halving frequency (a conv subsampling stem as MusicFM's), channels x rows
+    flattened per frame; "conv1d": two convs over 3 frames of all bins (as Whisper's)."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        c = cfg.stem_channels
-        self.convs = nn.Sequential(nn.Conv2d(1, c, 3, stride=(2, 1), padding=1), nn.GELU(),
-                                   nn.Conv2d(c, c, 3, stride=(2, 1), padding=1), nn.GELU())
+        c, self.two_d = cfg.stem_channels, cfg.stem == "conv2d"
+        if self.two_d:
+            self.convs = nn.Sequential(nn.Conv2d(1, c, 3, stride=(2, 1), padding=1), nn.GELU(),
+                                       nn.Conv2d(c, c, 3, stride=(2, 1), padding=1), nn.GELU())
+        else:
+            self.convs = nn.Sequential(nn.Conv1d(cfg.spectrogram_bins, c, 3, padding=1), nn.GELU(),
+                                       nn.Conv1d(c, c, 3, padding=1), nn.GELU())
 
     def forward(self, spec: torch.Tensor) -> torch.Tensor:
-        maps = self.convs(spec[:, None].to(self.convs[0].weight.dtype))  # [B, c, rows, T]
-        return maps.flatten(1, 2)
+        spec = spec.to(self.convs[0].weight.dtype)
+        if not self.two_d:
+            return self.convs(spec)
+        return self.convs(spec[:, None]).flatten(1, 2)  # [B, c, rows, T] -> [B, c x rows, T]
 
 
 class _ChannelLayerNorm(nn.LayerNorm):

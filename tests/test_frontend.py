@@ -32,13 +32,15 @@ def encoder(frontend: str, seed: int = 0, **changes) -> Encoder:
     return Encoder(EncoderConfig(frontend=frontend, **{**SMALL, **changes})).eval()
 
 
-@pytest.mark.parametrize("frontend", FRONTENDS)
-def test_one_frame_per_label_frame_and_padding_from_lengths(frontend):
-    model = encoder(frontend)
+@pytest.mark.parametrize("frontend, stem, features", [("logmel", "conv2d", 8 * 32), ("cqt", "conv2d", 8 * 42),
+                                                      ("logmel", "conv1d", 8)])
+def test_one_frame_per_label_frame_and_padding_from_lengths(frontend, stem, features):
+    model = encoder(frontend, stem=stem)
     audio = 0.1 * torch.randn(2, SAMPLE_RATE)
     with torch.no_grad():
         out = model(audio, torch.tensor([SAMPLE_RATE, 10_000]))
     assert out["x"].shape[1] == model.frames(SAMPLE_RATE) == SAMPLE_RATE // 320 == 75
+    assert out["features"].shape[2] == model.cfg.feature_dim == features  # 128 mel / 168 CQT bins, halved twice
     assert out["padding"].sum(1).tolist() == [0, 75 - 10_000 // 320]
 
 

@@ -1,6 +1,7 @@
 """bench/learning.py --objective: every objective's settings make a valid run of the benchmark's presets."""
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import os
@@ -129,3 +130,34 @@ def test_a_work_folder_with_another_training_corpus_is_refused_not_reused(tmp_pa
         (older / made).write_text("{}")
     learning.prepare_training(learning.parse_args(["--work", str(older), "--objective", "data2vec"]), str(older))
     assert not (older / "corpus.json").exists()
+
+
+table_spec = importlib.util.spec_from_file_location("learning_table", os.path.join(ROOT, "bench", "learning_table.py"))
+learning_table = importlib.util.module_from_spec(table_spec)
+table_spec.loader.exec_module(learning_table)
+
+
+def test_the_docs_tables_are_the_recorded_results():
+    """Every learning table in the README and bench/LEARNING.md is what bench/learning_table.py makes of the result
+    files it names: regenerating changes nothing (edit the results, not the tables)."""
+    for name in ("README.md", os.path.join("bench", "LEARNING.md")):
+        text = open(os.path.join(ROOT, name)).read()
+        blocks = list(learning_table.BLOCK.finditer(text))
+        for block in blocks:
+            paths = glob.glob(os.path.join(ROOT, block["glob"]))
+            assert paths and block["table"] == learning_table.table(paths), f"{name}: python bench/learning_table.py --update {name}"
+
+
+def test_a_table_block_is_rewritten_from_its_results(tmp_path):
+    result = {"scores": scores_of(trained=0.9, random=0.5, mfcc=0.3, chroma=0.2, logmel=0.6), "corpus": "synthetic, 30 min",
+              "effective_rank": {task: {"trained": 9, "random": 8} for task in learning.TASKS}, "overrides": ["x=1"],
+              "targets": {"a": True, "b": None, "c": False}, "frontend": "logmel", "objective": "mert",
+              "config": "configs/small.yaml", "steps": 3000, "seed": 1}
+    (tmp_path / "syn-x.json").write_text(json.dumps(result))
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"before\n<!-- learning-table: {tmp_path}/syn-*.json -->\nstale\n<!-- /learning-table -->\nafter\n")
+    assert learning_table.update(str(doc)) and not learning_table.update(str(doc))
+    lines = doc.read_text().splitlines()
+    assert lines[0] == "before" and lines[-1] == "after" and "stale" not in lines
+    assert lines[4].startswith("| syn-x | synthetic | logmel + mert, small.yaml 3000 steps, seed 1: `x=1` | 0.900 (1.50x logmel, 1.80x rnd)")
+    assert lines[4].endswith("| 9/8, 9/8, 9/8 | 1/2 |")
