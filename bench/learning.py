@@ -186,7 +186,7 @@ def extract_all(work: str, run_dir: str) -> dict[str, dict[str, dict[str, str]]]
     folders = {}
     for task in TASKS:
         audio, window = os.path.join(work, "probe", task), window_seconds(os.path.join(work, "probe", task))
-        for pooling in POOLINGS:
+        for pooling in ("mean_std", "mean"):  # mean: the first half of the mean+std features, not a second extraction
             for name, source in sources.items():
                 folder = f"trained-{os.path.basename(os.path.normpath(run_dir))}" if name == "trained" else name
                 out = os.path.join(work, "features", task, pooling, folder)
@@ -195,12 +195,34 @@ def extract_all(work: str, run_dir: str) -> dict[str, dict[str, dict[str, str]]]
                 saved = read(os.path.join(out, "bench.json"))
                 if saved is not None and saved != marker:
                     shutil.rmtree(out)  # made from another checkpoint or with other settings: redo (unfinished: resume)
-                run_stage(f"extract {task}/{pooling}/{name}", saved == marker,
-                          [py("pretrain.downstream.extract", *source, "--input", audio, "--out", out,
-                              "--window-seconds", str(window), "--pooling", pooling)], work)
+                if pooling == "mean_std":
+                    run_stage(f"extract {task}/{pooling}/{name}", saved == marker,
+                              [py("pretrain.downstream.extract", *source, "--input", audio, "--out", out,
+                                  "--window-seconds", str(window), "--pooling", pooling)], work)
+                elif saved != marker:
+                    means_of(folders[task]["mean_std"][name], out)
                 atomic_write_json(os.path.join(out, "bench.json"), marker)
                 folders.setdefault(task, {}).setdefault(pooling, {})[name] = out
-    return folders
+    return {task: {pooling: by_pooling[pooling] for pooling in POOLINGS} for task, by_pooling in folders.items()}
+
+
+def means_of(source: str, out: str) -> None:
+    """The mean-pooled features folder of a mean+std one (pretrain.downstream.extract writes [mean, std] per layer):
+    each example's first half, written under a temporary name and renamed when complete."""
+    import numpy as np
+
+    staged = out + ".partial"
+    shutil.rmtree(staged, ignore_errors=True)
+    info = {**read(os.path.join(source, "info.json")), "pooling": "mean"}
+    rows = [json.loads(line) for line in open(os.path.join(source, "index.jsonl"))]
+    for row in rows:
+        features = np.load(os.path.join(source, row["path"]))
+        os.makedirs(os.path.dirname(os.path.join(staged, row["path"])), exist_ok=True)
+        np.save(os.path.join(staged, row["path"]), features[:, : features.shape[1] // 2])
+    atomic_write_json(os.path.join(staged, "info.json"), info)
+    shutil.copyfile(os.path.join(source, "index.jsonl"), os.path.join(staged, "index.jsonl"))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staged, out)
 
 
 def best_by_validation(rows: list[dict]) -> dict:

@@ -161,3 +161,21 @@ def test_a_table_block_is_rewritten_from_its_results(tmp_path):
     assert lines[0] == "before" and lines[-1] == "after" and "stale" not in lines
     assert lines[4].startswith("| syn-x | synthetic | logmel + mert, small.yaml 3000 steps, seed 1: `x=1` | 0.900 (1.50x logmel, 1.80x rnd)")
     assert lines[4].endswith("| 9/8, 9/8, 9/8 | 1/2 |")
+
+
+def test_mean_pooled_features_are_the_first_half_of_the_mean_and_std_ones(tmp_path):
+    import numpy as np
+
+    from pretrain.downstream.extract import main as extract_main
+    from pretrain.downstream.probe_data import load_features
+    from conftest import tone, write
+
+    write(tmp_path / "audio" / "a.wav", tone(1.5, 24000, 440), 24000)
+    write(tmp_path / "audio" / "b.wav", tone(1.0, 24000, 220), 24000)
+    common = ["--random-init", "configs/tiny.yaml", "--input", str(tmp_path / "audio"), "--window-seconds", "1.0"]
+    extract_main([*common, "--out", str(tmp_path / "mean_std"), "--pooling", "mean_std"])
+    extract_main([*common, "--out", str(tmp_path / "extracted"), "--pooling", "mean"])
+    learning.means_of(str(tmp_path / "mean_std"), str(tmp_path / "mean"))
+    derived, extracted = load_features(str(tmp_path / "mean")), load_features(str(tmp_path / "extracted"))
+    assert derived.keys == extracted.keys and np.allclose(derived.x, extracted.x, atol=1e-6)
+    assert derived.info["pooling"] == "mean" and not (tmp_path / "mean.partial").exists()
