@@ -5,10 +5,11 @@
 
 Sections, in order (each catches its own failure, records the error and lets the next one run; each has a time
 budget, enforced with SIGALRM, that keeps the whole run under 8 minutes on a GPU):
-  train    training steps on in-memory batches (random audio and labels, bench/train.py's helpers) of mert_95m and
-           mert_330m at the presets' per-GPU batch, bf16 and fp16, eager and train.compile: audio-seconds per
-           second, MFU of pretrain.model.training_flops against the bf16 matmul peak measured here and against the
-           datasheet (pretrain.train.PEAK_TFLOPS), peak memory, and Dynamo's graph breaks for compiled rows
+  train    training steps on in-memory batches (random audio and labels, bench/train.py's helpers) of mert_95m, the
+           same over the log-mel front end (model.frontend=logmel) and mert_330m at the presets' per-GPU batch, bf16
+           and fp16, eager and train.compile: audio-seconds per second, MFU of pretrain.model.training_flops against
+           the bf16 matmul peak measured here and against the datasheet (pretrain.train.PEAK_TFLOPS), peak memory,
+           and Dynamo's graph breaks for compiled rows
   loader   mert_95m (bf16, k-means labels) trained by pretrain.train.Trainer over shards of the demo corpus on
            local disk through data.stream.AudioLoader at the preset's num_workers: data-wait fraction of step time
   encodec  the EnCodec teacher (random init: the same network and cost) on the device: real-time factor of the dump
@@ -55,7 +56,9 @@ from pretrain.train import datasheet_flops  # noqa: E402
 
 ENCODEC = {"encodec": [1024] * 8}  # the presets' teacher: 8 EnCodec codebooks x 1024
 FULL = {
-    "presets": ["configs/mert_95m.yaml", "configs/mert_330m.yaml"], "precisions": ["bf16", "fp16"],
+    # a preset, or PRESET:key=value,... (the same preset with overrides: MERT-95M over the log-mel front end)
+    "presets": ["configs/mert_95m.yaml", "configs/mert_95m.yaml:model.frontend=logmel", "configs/mert_330m.yaml"],
+    "precisions": ["bf16", "fp16"],
     "compile_backend": "inductor", "train_overrides": [], "train_steps": 12, "warmup_steps": 3, "row_seconds": 45,
     "loader_preset": "configs/mert_95m.yaml", "loader_overrides": [], "loader_steps": 60, "minutes": 2.0,
     "encodec_batches": [1, 8, 32, 64], "encodec_seconds": 10.0, "dump_seconds": 120.0,
@@ -66,14 +69,14 @@ FULL = {
 # CPU, tiny sizes: fp16 is GPU-only; Dynamo's "eager" backend traces (and counts graph breaks) like Inductor
 # without Inductor's C++ code generation, which takes minutes on 2 cores (tests/test_compile.py runs Inductor).
 SMOKE = {
-    "presets": ["configs/tiny.yaml"], "precisions": ["fp32", "bf16"],
+    "presets": ["configs/tiny.yaml", "configs/tiny.yaml:model.frontend=logmel"], "precisions": ["fp32", "bf16"],
     "compile_backend": "eager", "train_overrides": ["data.batch_size=2", "data.crop_seconds=1.0"], "train_steps": 2,
     "warmup_steps": 1, "row_seconds": 20, "loader_preset": "configs/tiny.yaml",
     "loader_overrides": ["data.num_workers=1", "data.batch_size=4", "data.crop_seconds=1.0"], "loader_steps": 4,
     "minutes": 0.5, "encodec_batches": [1, 2], "encodec_seconds": 2.0, "dump_seconds": 4.0,
     "extract_preset": "configs/tiny.yaml",
     "extract_clips": 4, "matmul_size": 512,
-    "budget_s": {"train": 120, "loader": 120, "encodec": 60, "kmeans": 60, "extract": 60},
+    "budget_s": {"train": 240, "loader": 120, "encodec": 60, "kmeans": 60, "extract": 60},
 }
 
 
@@ -169,8 +172,9 @@ def train_rows(plan: dict) -> list[tuple[str, str, bool]]:
 
 def train_row(preset: str, precision: str, compiled: bool, ctx: dict) -> dict:
     plan, device = ctx["plan"], ctx["device"]
-    cfg = load_config(preset, ["data.shards=unused", "data.labels=[unused]", f"train.precision={precision}",
-                               f"train.compile={str(compiled).lower()}", *plan["train_overrides"]])
+    path, overrides = preset_spec(preset)
+    cfg = load_config(path, ["data.shards=unused", "data.labels=[unused]", f"train.precision={precision}",
+                             f"train.compile={str(compiled).lower()}", *plan["train_overrides"], *overrides])
     reset_compiler()
     torch.manual_seed(0)
     model = Objective(cfg.objective, Encoder(cfg.model), ENCODEC).to(device).train()
@@ -198,8 +202,16 @@ def train_row(preset: str, precision: str, compiled: bool, ctx: dict) -> dict:
     return row
 
 
-def preset_name(path: str) -> str:
-    return os.path.basename(path).removesuffix(".yaml")
+def preset_spec(preset: str) -> tuple[str, list[str]]:
+    """"PATH" or "PATH:key=value,...": (the preset file, its overrides)."""
+    path, _, overrides = preset.partition(":")
+    return path, [item for item in overrides.split(",") if item]
+
+
+def preset_name(preset: str) -> str:
+    """mert_95m; mert_95m+frontend=logmel for a preset with overrides."""
+    path, overrides = preset_spec(preset)
+    return "+".join([os.path.basename(path).removesuffix(".yaml"), *(o.split(".")[-1] for o in overrides)])
 
 
 def break_locations(model, batch: tuple) -> dict[str, int]:

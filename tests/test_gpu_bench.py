@@ -31,6 +31,7 @@ def test_smoke_run_fills_every_section_and_prints_the_table(tmp_path):
     assert positive(results["matmul_peak_tflops"])
     rows = sections["train"]["rows"]
     assert {(r["precision"], r["compile"]) for r in rows} == {("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)}
+    assert {r["preset"] for r in rows} == {"tiny", "tiny+frontend=logmel"}  # a spectrogram front end's rows too
     for row in rows:
         assert "error" not in row, row.get("traceback")
         assert positive(row["audio_seconds_per_second"]) and positive(row["mfu_measured_peak"])
