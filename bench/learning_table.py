@@ -27,8 +27,8 @@ BLOCK = re.compile(r"(<!-- learning-table: (?P<glob>\S+) -->\n)(?P<table>.*?)(<!
 
 def cell(scores: dict, task: str) -> str:
     trained, best = test(scores, task, "trained"), best_handmade(scores, task)
-    return (f"{trained:.3f} ({ratio(trained, test(scores, task, best)):.2f}x {best}, "
-            f"{ratio(trained, test(scores, task, 'random')):.2f}x rnd)")
+    random = test(scores, task, "random")
+    return f"{trained:.3f} ({ratio(trained, test(scores, task, best)):.2f}x {best}); rnd {random:.3f} ({ratio(trained, random):.2f}x)"
 
 
 def row(path: str) -> str:

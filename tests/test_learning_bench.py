@@ -159,7 +159,7 @@ def test_a_table_block_is_rewritten_from_its_results(tmp_path):
     assert learning_table.update(str(doc)) and not learning_table.update(str(doc))
     lines = doc.read_text().splitlines()
     assert lines[0] == "before" and lines[-1] == "after" and "stale" not in lines
-    assert lines[4].startswith("| syn-x | synthetic | logmel + mert, small.yaml 3000 steps, seed 1: `x=1` | 0.900 (1.50x logmel, 1.80x rnd)")
+    assert lines[4].startswith("| syn-x | synthetic | logmel + mert, small.yaml 3000 steps, seed 1: `x=1` | 0.900 (1.50x logmel); rnd 0.500 (1.80x)")
     assert lines[4].endswith("| 9/8, 9/8, 9/8 | 1/2 |")
 
 
