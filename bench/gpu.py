@@ -6,7 +6,7 @@
 Sections, in order (each catches its own failure, records the error and lets the next one run; each has a time
 budget, enforced with SIGALRM, that keeps the whole run under 8 minutes on a GPU):
   train    training steps on in-memory batches (random audio and labels, bench/train.py's helpers) of mert_95m, the
-           same over the log-mel front end (model.frontend=logmel) and mert_330m at the presets' per-GPU batch, bf16
+           same over the log-mel front end (mert_logmel_95m) and mert_330m at the presets' per-GPU batch, bf16
            and fp16, eager and train.compile: audio-seconds per second, MFU of pretrain.model.training_flops against
            the bf16 matmul peak measured here and against the datasheet (pretrain.train.PEAK_TFLOPS), peak memory,
            and Dynamo's graph breaks for compiled rows
@@ -56,8 +56,8 @@ from pretrain.train import datasheet_flops  # noqa: E402
 
 ENCODEC = {"encodec": [1024] * 8}  # the presets' teacher: 8 EnCodec codebooks x 1024
 FULL = {
-    # a preset, or PRESET:key=value,... (the same preset with overrides: MERT-95M over the log-mel front end)
-    "presets": ["configs/mert_95m.yaml", "configs/mert_95m.yaml:model.frontend=logmel", "configs/mert_330m.yaml"],
+    # a preset, or PRESET:key=value,... (the same preset with overrides)
+    "presets": ["configs/mert_95m.yaml", "configs/mert_logmel_95m.yaml", "configs/mert_330m.yaml"],
     "precisions": ["bf16", "fp16"],
     "compile_backend": "inductor", "train_overrides": [], "train_steps": 12, "warmup_steps": 3, "row_seconds": 45,
     "loader_preset": "configs/mert_95m.yaml", "loader_overrides": [], "loader_steps": 60, "minutes": 2.0,

@@ -158,3 +158,14 @@ def test_a_logmel_run_trains_resumes_exports_and_warm_starts_another(train_data,
     done = run(command(train_data, warm, *extra, "train.steps=1", f"train.init_from={tmp_path / 'model.pt'}",
                        "optim.lr=1e-9"))
     assert "encoder initialised from" in done.stderr
+
+
+def test_the_95m_log_mel_preset_is_mert_95m_with_the_log_mel_front_end():
+    waveform = load_config("configs/mert_95m.yaml", ["data.shards=x", "data.labels=[x]"])
+    logmel = load_config("configs/mert_logmel_95m.yaml", ["data.shards=x", "data.labels=[x]"])
+    differ = {k for k, v in dataclasses.asdict(logmel.model).items() if dataclasses.asdict(waveform.model)[k] != v}
+    assert differ == {"frontend", "stem_channels"} and logmel.model.frontend == "logmel"
+    assert (logmel.objective, logmel.optim, logmel.data) == (waveform.objective, waveform.optim, waveform.data)
+    with torch.device("meta"):
+        count = sum(p.numel() for p in Encoder(logmel.model).parameters())
+    assert 85e6 < count < 95e6  # the conv extractor's 4.2M out, the stem and a wider projection in
