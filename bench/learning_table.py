@@ -20,7 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.learning import TASKS, best_handmade, ratio, test  # noqa: E402
+from bench.learning import TASKS, best_handmade, ratio, targets_met, test  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- learning-table: (?P<glob>\S+) -->\n)(?P<table>.*?)(<!-- /learning-table -->)", re.S)
 
@@ -35,13 +35,12 @@ def row(path: str) -> str:
     with open(path) as file:
         result = json.load(file)
     scores, ranks = result["scores"], result["effective_rank"]
-    judged = [ok for ok in result["targets"].values() if ok is not None]
     corpus = "synthetic" if str(result["corpus"]).startswith("synthetic") else "real"
     setting = " ".join(result["overrides"]) or "as configured"
     rank = ", ".join(f"{ranks[t]['trained']}/{ranks[t]['random']}" for t in TASKS)
     return (f"| {os.path.splitext(os.path.basename(path))[0]} | {corpus} | {result['frontend']} + {result['objective']}, "
             f"{os.path.basename(result['config'])} {result['steps']} steps, seed {result['seed']}: `{setting}` | "
-            + " | ".join(cell(scores, t) for t in TASKS) + f" | {rank} | {sum(judged)}/{len(judged)} |")
+            + " | ".join(cell(scores, t) for t in TASKS) + f" | {rank} | {'{}/{}'.format(*targets_met(result['targets']))} |")
 
 
 def table(paths: list[str]) -> str:

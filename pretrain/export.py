@@ -87,9 +87,7 @@ def read_export(path: str) -> dict:
 
 
 def encoder_from(payload: dict) -> Encoder:
-    settings = json.loads(payload["config"])
-    settings["conv_layers"] = tuple(tuple(layer) for layer in settings["conv_layers"])
-    encoder = Encoder(EncoderConfig(**settings))
+    encoder = Encoder(EncoderConfig.from_dict(json.loads(payload["config"])))
     encoder.load_state_dict(payload["state_dict"])
     return encoder
 

@@ -87,10 +87,9 @@ def hf_architecture(folder: str) -> dict:
 
 def from_remote_code_folder(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(architecture, our state_dict) of our remote-code export (pretrain/downstream/export_hf.py)."""
-    settings = dict(read_config(folder)["encoder"])
-    settings["conv_layers"] = tuple(tuple(layer) for layer in settings["conv_layers"])
     weights = read_hf_folder(folder)
-    return architecture(EncoderConfig(**settings)), {name.removeprefix("encoder."): t for name, t in weights.items()}
+    return (architecture(EncoderConfig.from_dict(read_config(folder)["encoder"])),
+            {name.removeprefix("encoder."): t for name, t in weights.items()})
 
 
 def check_architecture(path: str, source: dict, cfg) -> None:

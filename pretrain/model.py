@@ -63,6 +63,14 @@ class EncoderConfig:
     #                      at our frame rate); "conv1d": two convs of 3 frames over all bins (Whisper's, stride 1)
     stem_channels: int = 32  # channels of the stem's convs
 
+    @classmethod
+    def from_dict(cls, settings: dict) -> "EncoderConfig":
+        """The config saved as a plain dict (dataclasses.asdict, through JSON: conv_layers as lists)."""
+        settings = dict(settings)
+        if "conv_layers" in settings:
+            settings["conv_layers"] = tuple(tuple(layer) for layer in settings["conv_layers"])
+        return cls(**settings)
+
     @property
     def stride(self) -> int:
         """Samples per output frame."""
@@ -348,7 +356,8 @@ class Encoder(nn.Module):
         training must pass the same choice on every rank (see `layerdrop_choice`), otherwise it is drawn here.
         `keep_every` = T > 1 (inference) keeps 1 of every T frames after the conv extractor (MAEST-style patchout):
         the transformer sees T times fewer frames; "padding" and the outputs are at the reduced rate."""
-        features = self.front_end(audio, lengths).transpose(1, 2)
+        frames = None if lengths is None else self.frames(lengths)
+        features = self.front_end(audio, frames).transpose(1, 2)
         mult = self.cfg.feature_grad_mult
         if mult != 1.0 and self.training:
             features = features * mult + features.detach() * (1 - mult)
@@ -356,7 +365,7 @@ class Encoder(nn.Module):
         x = self.feature_dropout(projected)
         padding = None
         if lengths is not None:
-            padding = torch.arange(x.shape[1], device=x.device)[None] >= self.frames(lengths)[:, None]
+            padding = torch.arange(x.shape[1], device=x.device)[None] >= frames[:, None]
         if mask is not None:
             x = torch.where(mask[..., None], self.mask_embedding.to(x.dtype), x)
         if keep_every > 1:
@@ -365,11 +374,12 @@ class Encoder(nn.Module):
         out = self.contextualise(x, padding, all_layers, skip)
         return {**out, "features": features, "projected": projected, "padding": padding}
 
-    def front_end(self, audio: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        """[B, N] audio -> the front end's frames [B, feature_dim, T] (the conv features, or the stem's maps)."""
+    def front_end(self, audio: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
+        """[B, N] audio -> the front end's frames [B, feature_dim, T] (the conv features, or the stem's maps);
+        `frames` [B]: each clip's real frames (None: all)."""
         if self.spectrogram is None:
             return self.extractor(audio.to(self.projection.weight.dtype))
-        return self.extractor(self.spectrogram(audio, None if lengths is None else self.frames(lengths)))
+        return self.extractor(self.spectrogram(audio, frames))
 
     def contextualise(self, x: torch.Tensor, padding: torch.Tensor | None, all_layers: bool = False,
                       skip: torch.Tensor | None = None) -> dict:

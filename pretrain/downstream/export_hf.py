@@ -199,7 +199,7 @@ def readme(name: str, cfg: EncoderConfig, meta: dict, parameters: int) -> str:
             "`modeling_musicpt.py`, `musicpt_encoder.py`)" if remote else "as a `HubertModel`")
     load = 'AutoModel.from_pretrained("path/to/this/folder", trust_remote_code=True)' if remote else \
         'AutoModel.from_pretrained("path/to/this/folder")'
-    where = ("the middle of its frame: frame t covers samples " f"[{cfg.stride} t, {cfg.stride} (t + 1))" if remote
+    where = (f"frame t's window is centred on the middle of samples [{cfg.stride} t, {cfg.stride} (t + 1))" if remote
              else f"frame t starts at sample {cfg.stride} t")
     step = meta.get("step")
     blocks = "Pre-LN (final LayerNorm after the blocks)" if cfg.pre_ln else "Post-LN"

@@ -24,9 +24,7 @@ class MusicPTConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def encoder_config(self) -> EncoderConfig:
-        settings = dict(self.encoder)
-        settings["conv_layers"] = tuple(tuple(layer) for layer in settings.get("conv_layers", EncoderConfig.conv_layers))
-        return EncoderConfig(**settings)
+        return EncoderConfig.from_dict(self.encoder)
 
 
 class MusicPTModel(PreTrainedModel):
