@@ -1,4 +1,4 @@
-"""What made training collapse the tiny encoder (issue 12), each pinned by a test that failed before the fix:
+"""What made training collapse the tiny encoder, each pinned by a test that failed before the fix:
 the feature penalty counted padded frames and, at the tiny preset's scale, shrank the conv features until the
 feature LayerNorm stopped normalising; PyTorch's default conv init left a GroupNorm-first stack (MERT-95M) with
 near-zero features at init; the transformer lacked fairseq's BERT init."""
