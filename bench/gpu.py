@@ -264,7 +264,8 @@ def prepared(ctx: dict) -> dict:
     if "data" not in ctx:
         work = os.path.join(ctx["out"], "data")
         labels = learning.prepare_training(SimpleNamespace(minutes=ctx["plan"]["minutes"], teacher="logmel_chroma",
-                                                           timbres="fixed", objective="mert", corpus=None), work)
+                                                           timbres="fixed", config="configs/small.yaml", corpus=None),
+                                           work)
         shards = os.path.join(work, "shards")
         ctx["data"] = {"work": work, "shards": shards, "labels": labels, "corpus": os.path.join(work, "corpus", "audio"),
                        "teacher": os.path.join(work, "teachers", "logmel_chroma"),

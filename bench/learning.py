@@ -1,12 +1,11 @@
 """Does pretraining teach the encoder anything? Train a preset, then probe it against its own random init and baselines.
 
     python bench/learning.py [--config configs/small.yaml] [--minutes 30 | --corpus AUDIO_DIR] [--steps N]
-                             [--scale 2.5] [--teacher logmel_chroma|mfcc] [--objective mert|bestrq|data2vec]
-                             [--name NAME] [--work bench_out/learning] [key=value ...]
+                             [--scale 2.5] [--teacher logmel_chroma|mfcc] [--name NAME]
+                             [--work bench_out/learning] [key=value ...]
     python bench/learning.py --smoke     # tiny preset, 1 minute of audio, 20 steps, probe scale 0.1 (work: *-smoke)
     python bench/learning.py --run RUN_DIR --work DIR [--scale S]   # only probe a finished run (the demo does)
     python bench/learning.py --compare WORK [WORK ...]   # one table of finished benchmarks (their learning.json)
-    python bench/learning.py --objective data2vec --config configs/tiny.yaml --print-settings  # its overrides (the demo)
 
 Every stage is a subprocess of the real CLIs, logged to WORK/logs/, and skipped when its output exists, so a re-run
 resumes: the training corpus (the synthetic demo corpus, or any folder of recordings with --corpus), shards, the
@@ -21,9 +20,9 @@ the trained encoder to reach the best hand-made statistic and 1.2x its random in
 go to WORK/learning.json and WORK/results/NAME.json (bench/learning_table.py makes the docs' tables of those), a
 chart to WORK/learning.png. The exit code is 0 whether the targets pass or fail.
 
-`--objective` trains the same preset on the same corpus with another objective.kind (OBJECTIVE_SETTINGS: the
-reference settings of each, scaled only where the preset's depth requires); bestrq and data2vec need no k-means
-teacher. Each run keeps its own trained features (WORK/features/TASK/trained-NAME), so objectives compare on one
+The objective is the preset's: configs/small_data2vec.yaml and configs/small_bestrq.yaml are configs/small.yaml
+with another objective.kind and its reference settings; they need no k-means teacher (--teacher is for MERT's
+labels). Each run keeps its own trained features (WORK/features/TASK/trained-NAME), so objectives compare on one
 probe corpus and one random init.
 """
 from __future__ import annotations
@@ -44,23 +43,13 @@ sys.path.insert(0, ROOT)
 import soundfile as sf  # noqa: E402
 
 from data.files import atomic_write_json  # noqa: E402
+from pretrain.config import reads_labels  # noqa: E402
 
 TASKS = ("pitch", "instrument", "key")
 BASELINES = ("mfcc", "chroma", "logmel")
 FEATURE_SETS = ("trained", "random") + BASELINES
 POOLINGS = ("mean", "mean_std")  # every feature set is probed with both (pretrain.downstream.extract --pooling)
 PRIMARY = "mean_std"  # the pooling the targets compare at
-# --objective: pretrain.train overrides before the user's key=value ones. data2vec averages the top 2/3 of the
-# teacher's blocks (data2vec base: 8 of 12); its EMA decays are fairseq's, and so is its extractor (data2vec audio
-# base: extractor_mode layer_norm, as configs/music2vec_95m.yaml). bestrq: configs/bestrq_95m.yaml's masking.
-OBJECTIVE_SETTINGS = {
-    "mert": lambda layers: [],
-    "bestrq": lambda layers: ["objective.kind=bestrq", "data.labels=[]", "objective.mask_length=30",
-                              "objective.mask_prob=0.9", "objective.cqt_weight=0", "objective.mixup_prob=0"],
-    "data2vec": lambda layers: ["objective.kind=data2vec", "data.labels=[]", f"objective.data2vec_top_k={max(1, round(layers * 2 / 3))}",
-                                "objective.mask_prob=0.65", "objective.mask_length=10", "objective.cqt_weight=0",
-                                "objective.mixup_prob=0", "model.conv_norm=layer"],
-}
 SMOKE = {"config": "configs/tiny.yaml", "minutes": 1.0, "steps": 20, "scale": 0.1}
 TIMES: dict[str, float] = {}
 
@@ -91,7 +80,7 @@ def py(*args: str) -> list[str]:
 
 
 def prepare_training(args, work: str) -> str:
-    """Corpus, shards and teacher labels; returns the labels folder."""
+    """Corpus, shards and teacher labels; returns the labels folder ("" for a self-targeted objective)."""
     corpus, shards = os.path.join(work, "corpus"), os.path.join(work, "shards")
     stamp = os.path.join(work, "corpus.json")
     if args.corpus:
@@ -113,27 +102,19 @@ def prepare_training(args, work: str) -> str:
     labels = os.path.join(shards, "labels", args.teacher)
     teacher = ["--config", f"configs/teachers/{args.teacher}.yaml", f"shards={shards}",
                f"out={os.path.join(work, 'teachers', args.teacher)}", "--workers", "2"]
-    if args.objective == "mert":  # bestrq and data2vec make their targets in the step
-        run_stage(f"teacher {args.teacher}", os.path.exists(os.path.join(labels, "teacher.json")),
-                  [py("teachers.kmeans", stage, *teacher) for stage in ("fit", "dump")], work)
+    if not reads_labels(args.config):  # bestrq and data2vec make their targets in the step
+        return ""
+    run_stage(f"teacher {args.teacher}", os.path.exists(os.path.join(labels, "teacher.json")),
+              [py("teachers.kmeans", stage, *teacher) for stage in ("fit", "dump")], work)
     return labels
-
-
-def objective_settings(objective: str, config: str) -> list[str]:
-    """OBJECTIVE_SETTINGS[objective] for the preset `config` (its depth)."""
-    from pretrain.config import load_config
-
-    layers = load_config(config, ["data.shards=unused", "objective.kind=mert", "data.labels=[unused]"]).model.layers
-    return OBJECTIVE_SETTINGS[objective](layers)
 
 
 def train(args, work: str, labels: str) -> str:
     from pretrain.config import load_config
 
     run_dir = os.path.join(work, "runs", args.name)
-    overrides = [f"data.shards={os.path.join(work, 'shards')}", f"data.labels=[{labels}]", f"train.run_dir={run_dir}",
-                 *([f"train.steps={args.steps}"] if args.steps else []),
-                 *objective_settings(args.objective, args.config), *args.overrides]
+    overrides = [f"data.shards={os.path.join(work, 'shards')}", *([f"data.labels=[{labels}]"] if labels else []),
+                 f"train.run_dir={run_dir}", *([f"train.steps={args.steps}"] if args.steps else []), *args.overrides]
     steps = load_config(args.config, overrides).train.steps
     status = read(os.path.join(run_dir, "status.json")) or {}
     done = status.get("state") == "finished" and status.get("step", -1) >= steps
@@ -458,15 +439,11 @@ def parse_args(argv=None):
     parser.add_argument("--teacher", choices=("logmel_chroma", "mfcc"), default="logmel_chroma")
     parser.add_argument("--timbres", choices=("fixed", "random"), default="fixed",
                         help="training corpus voices (python -m data.demo --timbres); the probe corpus always has random ones")
-    parser.add_argument("--objective", choices=tuple(OBJECTIVE_SETTINGS), default="mert",
-                        help="objective.kind to train the preset with (default mert; see OBJECTIVE_SETTINGS)")
     parser.add_argument("--steps", type=int, help="shortcut for train.steps=N")
     parser.add_argument("--name", help="run name (default: the config's file name)")
     parser.add_argument("--smoke", action="store_true", help="tiny preset, 1 minute, 20 steps, probe scale 0.1")
     parser.add_argument("--run", help="probe this finished run directory instead of training one (its config.yaml)")
     parser.add_argument("--compare", nargs="+", metavar="WORK", help="print one table of finished benchmarks and exit")
-    parser.add_argument("--print-settings", action="store_true",
-                        help="print the --objective's pretrain.train overrides for --config, one per line, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to pretrain.train")
     args = parser.parse_args(argv)
     defaults = SMOKE if args.smoke else {"config": "configs/small.yaml", "minutes": 30.0, "steps": None, "scale": 2.5}
@@ -475,8 +452,7 @@ def parse_args(argv=None):
     args.work = args.work or ("bench_out/learning-smoke" if args.smoke else "bench_out/learning")
     if args.run:
         args.config = os.path.join(args.run, "config.yaml")
-    suffix = "" if args.objective == "mert" else f"-{args.objective}"
-    args.name = args.name or os.path.splitext(os.path.basename(args.config))[0] + suffix
+    args.name = args.name or os.path.splitext(os.path.basename(args.config))[0]
     if not os.path.isfile(os.path.join(ROOT, args.config)) and not os.path.isfile(args.config):
         parser.error(f"--config {args.config}: no such file")
     if args.corpus and not os.path.isdir(args.corpus):
@@ -490,8 +466,6 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.compare:
         return compare(args.compare)
-    if args.print_settings:
-        return print("\n".join(objective_settings(args.objective, args.config)))
     os.chdir(ROOT)
     work, started = os.path.abspath(args.work), time.perf_counter()
     probe_dir = os.path.join(work, "probe")
@@ -500,10 +474,9 @@ def main(argv=None) -> None:
         run_dir = os.path.abspath(args.run)
         print(f"learning benchmark: probing {run_dir}, work {work}")
     else:
-        teacher = f"teacher {args.teacher}" if args.objective == "mert" else "no teacher"
+        teacher = f"teacher {args.teacher}" if reads_labels(args.config) else "no teacher"
         corpus = f"corpus {args.corpus}" if args.corpus else f"{args.minutes:g} min synthetic corpus"
-        print(f"learning benchmark: {args.config}, objective {args.objective}, {corpus}, {teacher}, "
-              f"work {work}")
+        print(f"learning benchmark: {args.config}, {corpus}, {teacher}, work {work}")
         run_dir = train(args, work, prepare_training(args, work))
     run_stage("probe corpus", os.path.exists(os.path.join(probe_dir, "probe.json")),
               [py("data.demo", "--probe", "--out", probe_dir, "--scale", str(args.scale))], work)

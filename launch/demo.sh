@@ -3,17 +3,17 @@
 #   demo corpus -> audio shards -> teachers (k-means log-mel+chroma and MFCC: fit + dump;
 #   EnCodec codes from a RANDOM-INIT model, since pretrained weights cannot be downloaded here)
 #   -> one pass of the streaming loader with every teacher's labels joined
-#   -> pretraining of the tiny preset, interrupted by SIGTERM and resumed: with the data2vec objective (an EMA
-#      teacher's layers as targets; bench/learning.py's settings), the one that learns at this scale (README);
-#      OBJECTIVE=mert bash launch/demo.sh trains on the k-means log-mel+chroma labels instead (CQT head, mixup)
+#   -> pretraining of the tiny preset, interrupted by SIGTERM and resumed: configs/tiny_data2vec.yaml (an EMA
+#      teacher's layers as targets), the objective that learns most at this scale (README);
+#      PRESET=configs/tiny.yaml bash launch/demo.sh trains MERT's objective on the k-means log-mel+chroma labels
 #   -> a summary and a weights-only export of the encoder
 #   -> MARBLE-style probes (pitch, instrument, key) on a separate labelled probe corpus: the trained model
 #      against the same architecture untrained and against MFCC, chroma and log-mel statistics.
-# Usage: [OBJECTIVE=data2vec|mert] bash launch/demo.sh [WORK_DIR] (default: demo_out/); safe to re-run.
+# Usage: [PRESET=configs/tiny_data2vec.yaml] bash launch/demo.sh [WORK_DIR] (default: demo_out/); safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-demo_out}
-OBJECTIVE=${OBJECTIVE:-data2vec}
+PRESET=${PRESET:-configs/tiny_data2vec.yaml}
 PY=.venv/bin/python
 
 if [ ! -x "$PY" ]; then
@@ -51,14 +51,13 @@ print(f"loader: {len(batches)} batches, {sum(len(b['keys']) for b in batches)} c
       f"audio {tuple(batches[0]['audio'].shape)}, labels "
       + ", ".join(f"{name} {tuple(codes.shape)}" for name, codes in batches[0]["labels"].items()))
 PYEOF
-RUN="$WORK/runs/tiny-$OBJECTIVE"
-# a command substitution, not a process substitution: set -e stops the demo when this fails (OBJECTIVE=typo)
-SETTINGS_TEXT=$("$PY" bench/learning.py --config configs/tiny.yaml --objective "$OBJECTIVE" --print-settings)
-SETTINGS=()
-[ -z "$SETTINGS_TEXT" ] || mapfile -t SETTINGS <<< "$SETTINGS_TEXT"  # mert: none
-TRAIN=("$PY" -m pretrain.train --config configs/tiny.yaml data.shards="$SHARDS"
-       "data.labels=[$SHARDS/labels/logmel_chroma]" "${SETTINGS[@]}" train.run_dir="$RUN")
-echo "== 6/8 pretraining the tiny preset ($OBJECTIVE objective): 300 steps, stopped by SIGTERM after step 120, then resumed"
+RUN="$WORK/runs/$(basename "$PRESET" .yaml)"
+LABELS=()  # MERT's objective trains on the k-means labels; data2vec and BEST-RQ make their targets in the step
+if "$PY" -c 'import sys; from pretrain.config import reads_labels; sys.exit(not reads_labels(sys.argv[1]))' "$PRESET"; then
+    LABELS=("data.labels=[$SHARDS/labels/logmel_chroma]")
+fi
+TRAIN=("$PY" -m pretrain.train --config "$PRESET" data.shards="$SHARDS" "${LABELS[@]}" train.run_dir="$RUN")
+echo "== 6/8 pretraining $PRESET: 300 steps, stopped by SIGTERM after step 120, then resumed"
 if grep -qs '"state": "finished"' "$RUN/status.json"; then
     echo "-- already trained: $RUN (delete it to train again)"
 else

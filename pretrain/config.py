@@ -2,8 +2,8 @@
 
     cfg = load_config("configs/mert_95m.yaml", ["train.steps=1000", "data.batch_size=4"])
 
-Precedence: command-line overrides > the YAML file > the dataclass defaults
-below. Keys that the schema does not know, and values of the wrong type,
+Precedence: command-line overrides > the YAML file > its `base:` preset, if it
+names one (recursively) > the dataclass defaults below. Keys that the schema does not know, and values of the wrong type,
 are errors that name the key. `cfg` is a plain `RunConfig` of frozen
 dataclasses; `to_yaml(cfg)` is what a run saves beside its checkpoints.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field, replace
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.audio import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
@@ -88,9 +88,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
     try:
         merged = OmegaConf.structured(RunConfig)
         if path is not None:
-            if not os.path.isfile(path):
-                raise ConfigError(f"{path}: no such config file (presets are in configs/, e.g. configs/tiny.yaml)")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, read_preset(path))
         bad = [item for item in overrides if "=" not in item]
         if bad:
             raise ConfigError(f"overrides {bad}: write them as key=value, e.g. train.steps=1000")
@@ -104,6 +102,29 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
         raise ConfigError(f"{where} (overrides {list(overrides)}): key {key!r}: {error}".split("\n")[0]) from None
     check(cfg, where)
     return cfg
+
+
+def read_preset(path: str, children: tuple[str, ...] = ()) -> DictConfig:
+    """The YAML file at `path` merged over its `base:` preset (a path relative to the file), recursively: a preset
+    that differs from another in a few keys names it and lists only those keys."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file (presets are in configs/, e.g. configs/tiny.yaml)")
+    if os.path.realpath(path) in children:
+        raise ConfigError(f"{path}: its base: chain comes back to itself ({' -> '.join(children)})")
+    preset = OmegaConf.load(path)
+    base = preset.pop("base", None)
+    if base is None:
+        return preset
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: must be one preset's path, relative to {path}, e.g. base: tiny.yaml")
+    parent = read_preset(os.path.join(os.path.dirname(path), base), children + (os.path.realpath(path),))
+    return OmegaConf.merge(parent, preset)
+
+
+def reads_labels(path: str) -> bool:
+    """Whether the preset at `path` trains on teacher labels (data.labels: MERT's objective), not on targets its
+    objective makes from the audio in the step (SELF_TARGETED)."""
+    return read_preset(path).get("objective", {}).get("kind", "mert") not in SELF_TARGETED
 
 
 def check(cfg: RunConfig, where: str) -> None:

@@ -83,3 +83,22 @@ def test_every_objective_kind_has_a_class_and_every_target_norm_a_function():
 
     assert tuple(OBJECTIVES) == OBJECTIVE_KINDS
     assert tuple(NORM_FUNCTIONS) == TARGET_NORMS
+
+
+def test_a_preset_names_its_base_and_lists_only_what_differs(tmp_path):
+    (tmp_path / "base.yaml").write_text("model: {dim: 96, heads: 4, layers: 3}\ntrain: {steps: 10}\n")
+    (tmp_path / "middle.yaml").write_text("base: base.yaml\nmodel: {layers: 5}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "top.yaml").write_text("base: ../middle.yaml\ntrain: {steps: 20}\n")  # relative to its file
+    cfg = load_config(str(tmp_path / "sub" / "top.yaml"), ["data.shards=x", "data.labels=[x/l]", "model.dim=128"])
+    assert (cfg.model.dim, cfg.model.layers, cfg.train.steps) == (128, 5, 20)  # override > top > middle > base
+    assert "base" not in to_yaml(cfg)  # a run saves the resolved config
+
+
+@pytest.mark.parametrize("text, words", [("base: nowhere.yaml\n", "nowhere.yaml: no such config file"),
+                                         ("base: loop.yaml\n", "comes back to itself"),
+                                         ("base: [a.yaml, b.yaml]\n", "base: must be one preset")])
+def test_a_bad_base_is_named(tmp_path, text, words):
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=words):
+        load_config(str(tmp_path / "loop.yaml"), ["data.shards=x"])

@@ -1,4 +1,4 @@
-"""bench/learning.py --objective: every objective's settings make a valid run of the benchmark's presets."""
+"""bench/learning.py: the objective presets, the targets and tables, the work folder's checks."""
 from __future__ import annotations
 
 import glob
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from pretrain.config import load_config
+from pretrain.config import load_config, reads_labels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("learning", os.path.join(ROOT, "bench", "learning.py"))
@@ -16,22 +16,32 @@ learning = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(learning)
 
 
-@pytest.mark.parametrize("objective", sorted(learning.OBJECTIVE_SETTINGS))
-@pytest.mark.parametrize("preset", ["configs/small.yaml", "configs/tiny.yaml"])
-def test_each_objective_makes_a_valid_run_of_the_preset(objective, preset):
-    layers = load_config(preset, ["data.shards=x", "data.labels=[x/labels/km]"]).model.layers
-    overrides = ["data.shards=x", "data.labels=[x/labels/km]", *learning.OBJECTIVE_SETTINGS[objective](layers)]
-    cfg = load_config(preset, overrides)  # the benchmark's order: its labels, then the objective's settings
-    assert cfg.objective.kind == objective
-    assert bool(cfg.data.labels) == (objective == "mert")
+OBJECTIVE_PRESETS = sorted(os.path.relpath(path, ROOT) for objective in ("data2vec", "bestrq")
+                           for path in glob.glob(os.path.join(ROOT, "configs", f"*_{objective}.yaml")))
+
+
+def test_the_cpu_presets_have_an_objective_preset_each():
+    assert OBJECTIVE_PRESETS == ["configs/small_bestrq.yaml", "configs/small_data2vec.yaml", "configs/tiny_data2vec.yaml"]
+
+
+@pytest.mark.parametrize("path", OBJECTIVE_PRESETS)
+def test_each_objective_preset_is_its_base_preset_with_the_objectives_settings(path):
+    size, objective = os.path.basename(path)[:-len(".yaml")].split("_")
+    base, cfg = (load_config(os.path.join(ROOT, p), ["data.shards=x"]) for p in (f"configs/{size}.yaml", path))
+    assert cfg.objective.kind == objective and cfg.data.labels == () and not reads_labels(path)
+    assert reads_labels(f"configs/{size}.yaml") and base.data.labels
+    assert (cfg.model.dim, cfg.model.layers, cfg.train.steps) == (base.model.dim, base.model.layers, base.train.steps)
     if objective == "data2vec":
-        assert 1 <= cfg.objective.data2vec_top_k < layers or layers == 1
+        assert cfg.objective.data2vec_top_k == max(1, round(cfg.model.layers * 2 / 3))  # data2vec base: 8 of 12
         music2vec = load_config("configs/music2vec_95m.yaml", ["data.shards=x"])
         assert cfg.model.conv_norm == music2vec.model.conv_norm == "layer"  # data2vec audio base's extractor
+    if objective == "bestrq":
+        reference = load_config("configs/bestrq_95m.yaml", ["data.shards=x"]).objective
+        assert (cfg.objective.mask_prob, cfg.objective.mask_length) == (reference.mask_prob, reference.mask_length)
 
 
-def test_runs_of_other_objectives_get_their_own_name():
-    assert learning.parse_args(["--objective", "data2vec"]).name == "small-data2vec"
+def test_runs_are_named_after_their_preset():
+    assert learning.parse_args(["--config", "configs/small_data2vec.yaml"]).name == "small_data2vec"
     assert learning.parse_args([]).name == "small"
 
 
@@ -128,7 +138,8 @@ def test_a_work_folder_with_another_training_corpus_is_refused_not_reused(tmp_pa
     for made in ("corpus/labels.jsonl", "shards/index.json"):
         (older / made).parent.mkdir(parents=True)
         (older / made).write_text("{}")
-    learning.prepare_training(learning.parse_args(["--work", str(older), "--objective", "data2vec"]), str(older))
+    learning.prepare_training(learning.parse_args(["--work", str(older), "--config", "configs/small_data2vec.yaml"]),
+                               str(older))
     assert not (older / "corpus.json").exists()
 
 
