@@ -1,7 +1,7 @@
 """The learning benchmark's tables in the docs, made from the results it wrote (never typed in).
 
     python bench/learning_table.py bench/results/learning/*.json      # print one Markdown table
-    python bench/learning_table.py --update README.md bench/LEARNING.md  # rewrite every table block in them
+    python bench/learning_table.py --update README.md docs/learning.md  # rewrite every table block in them
 
 A table block in a Markdown file is the lines between `<!-- learning-table: GLOB -->` and `<!-- /learning-table -->`;
 GLOB (relative to the repository root) names the result files it shows, one row each, in name order. A result

@@ -20,6 +20,7 @@
 #   --job-name NAME (JOB_NAME; default: the config's name)    --run-root DIR (RUN_ROOT; default: runs/)
 #   --signal-seconds S (SIGNAL_SECONDS; default 300)          --python CMD (PYTHON; default .venv/bin/python;
 #                                     a command with arguments is fine: "apptainer exec --nv img.sif python")
+#   --dependency SPEC (DEPENDENCY)    start after other jobs, e.g. afterok:1234 (sbatch --dependency)
 #   SRUN_ARGS                         extra srun arguments, e.g. Pyxis: "--container-image=musicpt.sqsh"
 #   --dry-run                         print the sbatch script and command, submit nothing
 set -euo pipefail
@@ -42,7 +43,7 @@ esac
 NODES=${NODES:-${defaults[0]}} GPUS_PER_NODE=${GPUS_PER_NODE:-${defaults[1]}}
 CPUS_PER_TASK=${CPUS_PER_TASK:-${defaults[2]}} TIME=${TIME:-${defaults[3]}} TASKS_PER_NODE=${TASKS_PER_NODE:-2}
 PARTITION=${PARTITION:-} ACCOUNT=${ACCOUNT:-} JOB_NAME=${JOB_NAME:-$NAME} RUN_ROOT=${RUN_ROOT:-$REPO/runs}
-SIGNAL_SECONDS=${SIGNAL_SECONDS:-300} PYTHON=${PYTHON:-$REPO/.venv/bin/python} DRY_RUN=0
+SIGNAL_SECONDS=${SIGNAL_SECONDS:-300} PYTHON=${PYTHON:-$REPO/.venv/bin/python} DEPENDENCY=${DEPENDENCY:-} DRY_RUN=0
 OVERRIDES=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -52,6 +53,7 @@ while [ $# -gt 0 ]; do
         --account) ACCOUNT=$2; shift ;;             --job-name) JOB_NAME=$2; shift ;;
         --run-root) RUN_ROOT=$2; shift ;;           --signal-seconds) SIGNAL_SECONDS=$2; shift ;;
         --python) PYTHON=$2; shift ;;               --dry-run) DRY_RUN=1 ;;
+        --dependency) DEPENDENCY=$2; shift ;;
         -h|--help) usage 0 ;;
         *=*) OVERRIDES+=("$1") ;;
         *) echo "error: unknown option $1 (see bash launch/slurm_pretrain.sh --help)" >&2; exit 2 ;;
@@ -79,6 +81,7 @@ batch_script() {
     echo "#SBATCH --time=$TIME"
     [ -n "$PARTITION" ] && echo "#SBATCH --partition=$PARTITION"
     [ -n "$ACCOUNT" ] && echo "#SBATCH --account=$ACCOUNT"
+    [ -n "$DEPENDENCY" ] && echo "#SBATCH --dependency=$DEPENDENCY"
     echo "#SBATCH --signal=B:USR1@$SIGNAL_SECONDS"
     echo "#SBATCH --requeue"
     echo "#SBATCH --open-mode=append"

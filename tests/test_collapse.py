@@ -66,7 +66,7 @@ def test_tiny_preset_training_keeps_its_features_and_output_from_collapsing(trai
     embeddings collapsed onto one direction. Without VICReg's terms (objective.vicreg_weight: 0, MERT's setting)
     the output frames' effective rank on a held-out batch fell from 35 at init to 13 within these 100 steps (with
     them: 37); in the learning benchmark the masked predictions then hardly beat the label prior and every probe's
-    clip rank ended at 1 (bench/LEARNING.md)."""
+    clip rank ended at 1 (docs/learning.md)."""
     shards, labels = train_data
     cfg = load_config("configs/tiny.yaml", [f"data.shards={shards}", f"data.labels=[{labels}]", "data.crop_seconds=1.0",
                                             "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8"])

@@ -149,9 +149,9 @@ table_spec.loader.exec_module(learning_table)
 
 
 def test_the_docs_tables_are_the_recorded_results():
-    """Every learning table in the README and bench/LEARNING.md is what bench/learning_table.py makes of the result
+    """Every learning table in the README and docs/learning.md is what bench/learning_table.py makes of the result
     files it names: regenerating changes nothing (edit the results, not the tables)."""
-    for name in ("README.md", os.path.join("bench", "LEARNING.md")):
+    for name in ("README.md", os.path.join("docs", "learning.md")):
         text = open(os.path.join(ROOT, name)).read()
         blocks = list(learning_table.BLOCK.finditer(text))
         for block in blocks:

@@ -213,3 +213,23 @@ max_frames: 2000
     assert sorted(done) == [0, 1, 2] and sum(done.values()) == len(index["shards"])
     assert len(list(labels.glob("shard-*.npz"))) == len(index["shards"])
     assert json.load(open(labels / "teacher.json"))["teacher"] == "logmel_chroma"
+
+
+def test_the_recipe_runs_as_a_chain_of_jobs_and_says_where_it_stands(slurm, train_data, tmp_path):
+    corpus, work = os.path.join(os.path.dirname(train_data[0]), "corpus", "audio"), tmp_path / "work"
+    env = {**slurm, "PYTHON": sys.executable, "TASKS_PER_NODE": "2", "CPUS_PER_TASK": "1"}
+    out = sh(["bash", "launch/recipe.sh", corpus, "tiny", "--work", str(work), "--slurm", "--world", "2",
+              "--workers", "1", "train.steps=10", "data.crop_seconds=1.0", "data.batch_size=2",
+              "data.shuffle_buffer=8"], env)
+    jobs = dict(re.findall(r"submitted (\S+): job (\d+)", out))
+    assert list(jobs) == ["shards", "fit-logmel_chroma", "dump-logmel_chroma", "pretrain", "export", "export-hf"]
+    assert f"bash launch/recipe.sh --status {work}" in out
+    queued = sh(["bash", "launch/recipe.sh", "--status", str(work)], env)
+    assert re.search(rf"export-hf +job {jobs['export-hf']}: PENDING Dependency", queued), queued
+    wait_until(lambda: all(job_done(job, slurm) for job in jobs.values()), "the recipe's jobs", timeout=900)
+    final = sh(["bash", "launch/recipe.sh", "--status", str(work)], env)
+    report = json.loads((work / "report.json").read_text())
+    assert all(row["done"] for row in report["stages"]), final
+    assert "export-hf" in final and (work / "hf" / "config.json").exists()
+    dumped = sorted(p.name for p in (work / "logs").glob(f"dump-logmel_chroma-{jobs['dump-logmel_chroma']}_*.out"))
+    assert len(dumped) == 2  # one array task per part
