@@ -63,7 +63,8 @@ def preset_path(preset: str) -> str:
     raise RecipeError(f"preset {preset}: neither a file nor configs/{preset}.yaml; the presets are in configs/")
 
 
-OWNED = ("data.shards=", "data.labels=", "train.run_dir=")  # the recipe's to set: from the work folder
+WORK_PATHS = ("data.shards=", "train.run_dir=")  # the recipe sets these from --work; the user may not
+OWNED = WORK_PATHS + ("data.labels=",)  # ... and data.labels' folders, from the teacher names a user may give
 
 
 def label_teachers(settings: dict) -> list[str]:
@@ -71,7 +72,7 @@ def label_teachers(settings: dict) -> list[str]:
     a data.labels=[NAME,...] override's); none for a self-targeted objective (data2vec, BEST-RQ)."""
     from pretrain.config import SELF_TARGETED, read_preset
 
-    preset, overrides = settings["preset"], [o for o in settings["overrides"] if not o.startswith(OWNED[::2])]
+    preset, overrides = settings["preset"], [o for o in settings["overrides"] if not o.startswith(WORK_PATHS)]
     kinds = [o.split("=", 1)[1] for o in overrides if o.startswith("objective.kind=")]
     if (kinds or [read_preset(preset).get("objective", {}).get("kind", "mert")])[-1] in SELF_TARGETED:
         return []
@@ -371,7 +372,7 @@ def settings_of(args) -> dict:
     if not os.path.isdir(args.audio):
         raise RecipeError(f"{args.audio}: no such folder; pass the folder of your recordings (searched recursively)")
     preset = preset_path(args.preset)
-    owned = [item for item in args.overrides if item.startswith(("data.shards=", "train.run_dir="))]
+    owned = [item for item in args.overrides if item.startswith(WORK_PATHS)]
     if owned:
         raise RecipeError(f"{owned}: the recipe sets these from --work; data.labels=[NAME,...] names the teachers")
     settings = {"audio": os.path.abspath(args.audio), "preset": preset, "overrides": args.overrides,
