@@ -35,6 +35,7 @@ import glob
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -180,11 +181,34 @@ def run_stage(stage: dict, work: str) -> float:
         for command in stage["commands"]:
             log.write("$ " + shlex.join(python_command(command)) + "\n")
             log.flush()
-            if subprocess.run(python_command(command), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode:
+            returncode, stopped_by = run_forwarding_signals(python_command(command), log, env)
+            if stopped_by:
+                raise RecipeError(f"stopped by {stopped_by.name} in stage {stage['name']} (which was asked to stop too, "
+                                  "and did); run the same command again to finish: the stages done are kept")
+            if returncode:
                 tail = "\n".join(open(log_path).read().splitlines()[-20:])
                 raise RecipeError(f"{tail}\nstage {stage['name']} failed (log: {log_path}); fix what it says and run "
                                   "the same command again: the stages done are kept")
     return time.perf_counter() - started
+
+
+def run_forwarding_signals(command: list[str], log, env: dict) -> tuple[int, signal.Signals | None]:
+    """Runs the command; a SIGTERM or SIGINT sent to this process is passed on to it (the trainer saves a checkpoint
+    and exits, the offline stages stop where a re-run resumes) and waited for, so no stage outlives the recipe.
+    Returns its exit code and the signal that stopped the recipe, if one did."""
+    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    received: list[signal.Signals] = []
+
+    def forward(number, frame):
+        received.append(signal.Signals(number))
+        child.send_signal(number)
+
+    previous = {number: signal.signal(number, forward) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait(), (received[0] if received else None)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def record_path(work: str, name: str) -> str:

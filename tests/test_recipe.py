@@ -87,3 +87,24 @@ def test_a_work_folder_of_another_preset_and_missing_weights_are_refused_before_
                              capture_output=True, text=True)
     assert unnamed.returncode != 0 and "add data.labels=[encodec]" in unnamed.stderr
     assert not (tmp_path / "other").exists() and not (tmp_path / "third").exists()
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_the_recipe_stops_its_stage_too(recordings, tmp_path):
+    """The scheduler or a user stops the recipe, not its children: the trainer must hear it, checkpoint and exit."""
+    command = recipe(recordings, "train.steps=400")  # long enough to be stopped in the middle
+    command[command.index("--work") + 1] = str(tmp_path / "work")
+    running = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "work" / "runs" / "tiny" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and '"step": 10,' in metrics.read_text()):
+        assert running.poll() is None and time.time() < deadline, "training never reached step 10"
+        time.sleep(0.05)
+    running.send_signal(signal.SIGTERM)  # to the recipe's process alone (bash execs python: the same process)
+    _, err = running.communicate(timeout=120)
+    assert running.returncode != 0 and "stopped by SIGTERM in stage pretrain" in err
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "work")], capture_output=True, text=True).stdout
+    assert not left.strip(), f"stage processes outlived the recipe: {left}"
+    status = json.loads((tmp_path / "work" / "runs" / "tiny" / "status.json").read_text())
+    assert status["state"] == "stopped" and status["step"] < 400  # the trainer saved and stopped early
