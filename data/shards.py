@@ -128,6 +128,7 @@ def make_plan(root: str, rels: list[str], cfg: ShardConfig, pool) -> dict:
     """Probe every file's header, shuffle with the seed, pack into shards of about cfg.shard_bytes."""
     jobs = [(root, rel, cfg.min_sample_rate) for rel in rels]
     results = list(tqdm(_map(pool, _probe_one, jobs), total=len(jobs), desc="probe", unit="file", disable=not rels))
+    results.sort(key=lambda result: result["path"])  # workers answer in any order; every rank must plan alike
     usable = [r for r in results if "frames" in r]
     random.Random(cfg.seed).shuffle(usable)
     shards: list[list[dict]] = []

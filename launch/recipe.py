@@ -1,6 +1,6 @@
 """From a folder of recordings to a trained, exported and probed encoder: every stage of the pipeline in one command.
 
-    bash launch/recipe.sh AUDIO_DIR PRESET [--work DIR] [--encodec-weights FILE] [--probe TASK.yaml ...]
+    bash launch/recipe.sh AUDIO_DIR PRESET [--work DIR] [--encodec-weights FILE] [--probe TASK.yaml [--probe ...]]
                           [--probe-root DIR] [--workers N] [--slurm] [--dry-run] [key=value ...]
     bash launch/recipe.sh --status WORK        # which stages are done, running or failed, and which log to read
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import shlex
 import signal
@@ -176,6 +177,9 @@ def run_stage(stage: dict, work: str) -> float:
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONPATH": os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    if not os.environ.get("MUSICPT_RECIPE_JOB"):  # run here, not as a job of a --slurm chain: one process, whatever
+        env = {key: value for key, value in env.items()  # scheduler or launcher variables are around (else a
+               if not key.startswith("SLURM_") and key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}  # stage does 1/N)
     started = time.perf_counter()
     with open(log_path, "a") as log:
         for command in stage["commands"]:
@@ -193,19 +197,36 @@ def run_stage(stage: dict, work: str) -> float:
 
 
 def run_forwarding_signals(command: list[str], log, env: dict) -> tuple[int, signal.Signals | None]:
-    """Runs the command; a SIGTERM or SIGINT sent to this process is passed on to it (the trainer saves a checkpoint
-    and exits, the offline stages stop where a re-run resumes) and waited for, so no stage outlives the recipe.
-    Returns its exit code and the signal that stopped the recipe, if one did."""
-    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    """Runs the command. A SIGTERM or SIGINT sent to the recipe alone is passed on to it as SIGTERM (the trainer
+    saves a checkpoint and exits; an offline stage stops, and a re-run resumes it) and waited for; whatever it had
+    started (pool workers) and left running is then killed, so no part of a stage outlives the recipe. Returns its
+    exit code and the signal that stopped the recipe, if one did. (A signal to the whole process group, a terminal's
+    Ctrl-C or a scheduler's kill, reaches the stage directly.)"""
+    import psutil
+
     received: list[signal.Signals] = []
+    started: list[psutil.Process] = []
 
     def forward(number, frame):
         received.append(signal.Signals(number))
-        child.send_signal(number)
+        try:
+            started.extend(psutil.Process(child.pid).children(recursive=True))
+            child.send_signal(signal.SIGTERM)
+        except (NameError, psutil.NoSuchProcess):  # not started yet, or gone already
+            pass
 
     previous = {number: signal.signal(number, forward) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return child.wait(), (received[0] if received else None)
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        if received:  # arrived while it was starting
+            child.send_signal(signal.SIGTERM)
+        code = child.wait()
+        for process in started:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return code, (received[0] if received else None)
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -256,7 +277,9 @@ def probe_scores(work: str, settings: dict) -> list[dict]:
         candidates = [(summary.get(f"{kind}_valid"), summary.get(f"{kind}_test"), name)
                       for kind, name in (("best_layer", summary.get("best_layer")), ("weighted_sum", "weighted sum"))
                       if summary.get(f"{kind}_valid") is not None]
-        valid, test, layer = max(candidates)
+        if not candidates:
+            continue
+        valid, test, layer = max(candidates, key=lambda c: -math.inf if math.isnan(c[0]) else c[0])
         rows.append({"task": task["name"], "metric": summary["metric"], "layer": layer, "valid": valid, "test": test})
     return rows
 
@@ -302,13 +325,13 @@ def sbatch_script(stage: dict, settings: dict, work: str) -> str:
     env = os.environ
     options = [f"--job-name=recipe-{stage['name']}", "--ntasks=1",
                f"--cpus-per-task={env.get('CPUS_PER_TASK', settings['workers'])}",
-               f"--time={env.get('TIME', '12:00:00')}", "--open-mode=append",
+               f"--time={env.get('TIME', '12:00:00')}", "--open-mode=append", "--kill-on-invalid-dep=yes",
                f"--output={os.path.join(work, 'logs', stage['name'])}-%A{'_%a' if stage['per_shard'] else ''}.out"]
     options += [f"--{name.lower()}={env[name]}" for name in ("PARTITION", "ACCOUNT") if env.get(name)]
     options += [f"--array=0-{settings['world'] - 1}"] if stage["per_shard"] else []
     command = shlex.join([sys.executable, os.path.abspath(__file__), "--work", work, "--run-stage", stage["name"]])
     return "\n".join(["#!/bin/bash", *[f"#SBATCH {option}" for option in options],
-                      "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}", f"exec {command}", ""])
+                      "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MUSICPT_RECIPE_JOB=1", f"exec {command}", ""])
 
 
 def submit(stage: dict, settings: dict, work: str, after: str | None, dry_run: bool) -> str:
@@ -338,19 +361,24 @@ def submit(stage: dict, settings: dict, work: str, after: str | None, dry_run: b
 
 
 def submit_chain(settings: dict, work: str, dry_run: bool) -> None:
-    os.makedirs(os.path.join(work, "logs"), exist_ok=True)  # where the jobs write: SLURM does not make folders
+    for folder in ("logs", "slurm"):  # where the jobs write: SLURM does not make folders
+        os.makedirs(os.path.join(work, folder), exist_ok=True)
     jobs_path = os.path.join(work, "slurm", "jobs.json")
     jobs, after = (read_json(jobs_path, "the submitted jobs") if os.path.exists(jobs_path) else {}), None
+    live = {name: job for name, job in jobs.items() if job_states(job)}
+    if live:
+        raise RecipeError(f"jobs of this recipe are still queued or running ({', '.join(f'{n}: {j}' for n, j in live.items())}); "
+                          f"bash launch/recipe.sh --status {work} follows them (scancel them to start over)")
     for stage in stages(settings, work):
         if is_done(stage):
             print(f"-- {stage['name']}: done, skipped", flush=True)
             continue
         after = submit(stage, settings, work, after, dry_run)
-        jobs[stage["name"]] = after
         print(f"submitted {stage['name']}: job {after}", flush=True)
+        if not dry_run:
+            jobs[stage["name"]] = after
+            atomic_write_json(jobs_path, jobs)  # after each: a failed submission keeps the ids of those queued
     if not dry_run:
-        os.makedirs(os.path.dirname(jobs_path), exist_ok=True)
-        atomic_write_json(jobs_path, jobs)
         print(f"follow it with: bash launch/recipe.sh --status {work}")
 
 
@@ -429,7 +457,8 @@ def parse_args(argv=None):
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to pretrain.train")
     parser.add_argument("--work", help="where everything goes (default recipe_out/PRESET)")
     parser.add_argument("--encodec-weights", help="the EnCodec teacher's weights (encodec_24khz-d7cc33bc.th)")
-    parser.add_argument("--probe", nargs="+", default=[], metavar="TASK.yaml", help="probe tasks (configs/probe/)")
+    parser.add_argument("--probe", action="append", default=[], metavar="TASK.yaml",
+                        help="a probe task (configs/probe/); repeat for more")
     parser.add_argument("--probe-root", help="task NAME reads DIR/NAME/labels.jsonl (python -m data.demo --probe)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes per stage")
     parser.add_argument("--world", type=int, default=4, help="--slurm: array tasks per per-shard stage")
@@ -466,7 +495,7 @@ def main(argv=None) -> None:
         if not args.dry_run:
             stamp(settings, work)
         (submit_chain if args.slurm else run_here)(settings, work, args.dry_run)
-    except RecipeError as error:
+    except (RecipeError, ConfigError, ValueError, OSError) as error:  # a bad file, path or value: say which
         sys.exit(f"error: {error}")
 
 

@@ -37,7 +37,7 @@ NAME=$(basename "$CONFIG_PATH" .yaml)
 
 case "$NAME" in  # nodes gpus-per-node cpus-per-task time: MERT's global batches assume 64 GPUs
     mert_95m|mert_330m) defaults=(8 8 10 2-00:00:00) ;;
-    tiny)               defaults=(1 0 1 00:30:00) ;;
+    tiny*|small*)       defaults=(1 0 1 02:00:00) ;;  # the CPU presets
     *)                  defaults=(1 8 10 1-00:00:00) ;;
 esac
 NODES=${NODES:-${defaults[0]}} GPUS_PER_NODE=${GPUS_PER_NODE:-${defaults[1]}}

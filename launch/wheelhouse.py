@@ -56,8 +56,8 @@ def own_wheel(out: str) -> str:
     done = pip("wheel", "--no-deps", "-q", "-w", out, ROOT)
     if done.returncode:
         sys.exit(f"building the project's wheel failed:\n{done.stderr[-3000:]}")
-    wheels = sorted(name for name in os.listdir(out) if name.startswith("musicpt-") and name.endswith(".whl"))
-    return os.path.join(out, wheels[-1])
+    wheels = [os.path.join(out, name) for name in os.listdir(out) if name.startswith("musicpt-") and name.endswith(".whl")]
+    return max(wheels, key=os.path.getmtime)  # the one just built
 
 
 def resolve(root: str, args, report: str) -> dict:
@@ -85,14 +85,15 @@ def resolve(root: str, args, report: str) -> dict:
     sys.exit("more than 40 packages without wheels: giving up")
 
 
-def needed(report: dict, roots: list[str], extras: list[str], without: set[str], python: str) -> list[dict]:
+def needed(report: dict, roots: list[str], extras: list[str], without: set[str], python: str,
+           machine: str = "x86_64") -> list[dict]:
     """The report's packages reachable from the roots (the first with `extras`) through requirements that apply on
     the target (Linux, that Python, the extras asked for), never entering a package of `without`."""
     from pip._vendor.packaging.requirements import Requirement
 
     items = {normalise(item["metadata"]["name"]): item for item in report["install"]}
     environment = {"python_version": python, "python_full_version": f"{python}.0", "sys_platform": "linux",
-                   "platform_system": "Linux", "os_name": "posix", "platform_machine": "x86_64",
+                   "platform_system": "Linux", "os_name": "posix", "platform_machine": machine,
                    "implementation_name": "cpython", "platform_python_implementation": "CPython"}
     reached, queue = set(), [(normalise(roots[0]), tuple(extras))] + [(normalise(root), ()) for root in roots[1:]]
     while queue:
@@ -157,7 +158,8 @@ def main(argv=None) -> None:
     from pip._vendor.packaging.requirements import Requirement
 
     builders = [Requirement(text).name for text in build_requirements()]
-    items = needed(resolved["report"], ["musicpt", *builders], extras, without, args.python)
+    machine = re.fullmatch(r"manylinux_2_\d+_(\w+)", args.platform).group(1)
+    items = needed(resolved["report"], ["musicpt", *builders], extras, without, args.python, machine)
     print(f"{len(items)} packages for Python {args.python} on {args.platform}"
           f"{f', without {sorted(without)}' if without else ''}; downloading what {args.dir} lacks", flush=True)
     download(items, args)

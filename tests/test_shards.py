@@ -166,6 +166,22 @@ def test_rank_split_gives_the_same_shards_as_one_machine(tmp_path, good_corpus):
     assert os.path.exists(tmp_path / "two" / "report.rank0.json")
 
 
+class AnswersInReverse:
+    """A worker pool whose answers come back in another order than asked, as imap_unordered's may."""
+
+    def imap_unordered(self, fn, jobs, chunksize=1):
+        return reversed([fn(job) for job in list(jobs)])
+
+
+def test_every_rank_plans_the_same_shards_whatever_order_its_workers_answer_in(tmp_path, good_corpus):
+    from data.shards import list_sources, make_plan
+
+    root, rels = list_sources(str(good_corpus))
+    cfg = ShardConfig(shard_bytes=300_000)
+    in_order, reversed_answers = make_plan(root, rels, cfg, None), make_plan(root, rels, cfg, AnswersInReverse())
+    assert len(in_order["shards"]) > 1 and reversed_answers == in_order
+
+
 def _corpus_of_many_files(root, count=12):
     for i in range(count):
         write(root / f"t{i:02d}.wav", tone(6, 48000, freq=200 + 20 * i), 48000)

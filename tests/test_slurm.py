@@ -218,12 +218,14 @@ max_frames: 2000
 def test_the_recipe_runs_as_a_chain_of_jobs_and_says_where_it_stands(slurm, train_data, tmp_path):
     corpus, work = os.path.join(os.path.dirname(train_data[0]), "corpus", "audio"), tmp_path / "work"
     env = {**slurm, "PYTHON": sys.executable, "TASKS_PER_NODE": "2", "CPUS_PER_TASK": "1"}
-    out = sh(["bash", "launch/recipe.sh", corpus, "tiny", "--work", str(work), "--slurm", "--world", "2",
-              "--workers", "1", "train.steps=10", "data.crop_seconds=1.0", "data.batch_size=2",
-              "data.shuffle_buffer=8"], env)
+    command = ["bash", "launch/recipe.sh", corpus, "tiny", "--work", str(work), "--slurm", "--world", "2", "--workers",
+               "1", "train.steps=10", "data.crop_seconds=1.0", "data.batch_size=2", "data.shuffle_buffer=8"]
+    out = sh(command, env)
     jobs = dict(re.findall(r"submitted (\S+): job (\d+)", out))
     assert list(jobs) == ["shards", "fit-logmel_chroma", "dump-logmel_chroma", "pretrain", "export", "export-hf"]
     assert f"bash launch/recipe.sh --status {work}" in out
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "still queued or running" in again.stderr  # no second chain beside the first
     queued = sh(["bash", "launch/recipe.sh", "--status", str(work)], env)
     assert re.search(rf"export-hf +job {jobs['export-hf']}: PENDING Dependency", queued), queued
     wait_until(lambda: all(job_done(job, slurm) for job in jobs.values()), "the recipe's jobs", timeout=900)

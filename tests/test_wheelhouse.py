@@ -1,5 +1,5 @@
-"""launch/wheelhouse.py: which packages go into an offline wheelhouse, for which platform (no network here: the
-download itself is checked by hand, README's "Installing without network")."""
+"""launch/wheelhouse.py: which packages go into an offline wheelhouse, for which platform (the download needs a
+package index, so it is not run here; README "Clusters and containers" says how it is used)."""
 from __future__ import annotations
 
 import importlib.util
