@@ -81,7 +81,7 @@ batch_script() {
     echo "#SBATCH --time=$TIME"
     [ -n "$PARTITION" ] && echo "#SBATCH --partition=$PARTITION"
     [ -n "$ACCOUNT" ] && echo "#SBATCH --account=$ACCOUNT"
-    [ -n "$DEPENDENCY" ] && echo "#SBATCH --dependency=$DEPENDENCY"
+    [ -n "$DEPENDENCY" ] && echo "#SBATCH --dependency=$DEPENDENCY" && echo "#SBATCH --kill-on-invalid-dep=yes"
     echo "#SBATCH --signal=B:USR1@$SIGNAL_SECONDS"
     echo "#SBATCH --requeue"
     echo "#SBATCH --open-mode=append"
