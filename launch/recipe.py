@@ -45,10 +45,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data.files import atomic_write_json, read_json  # noqa: E402
-from pretrain.config import ConfigError, load_config  # noqa: E402
+from pretrain.config import ConfigError, load_config, to_yaml  # noqa: E402
 
 SETTINGS_FILE = "recipe.json"
-DEFINING = ("audio", "preset", "overrides")  # the settings a work folder's outputs are made from
 
 
 class RecipeError(Exception):
@@ -102,7 +101,14 @@ def teacher_commands(name: str, settings: dict, work: str) -> list[tuple[str, st
     if not os.path.isfile(config):
         raise RecipeError(f"the preset's data.labels names a teacher {name!r}: neither encodec nor "
                           f"configs/teachers/{name}.yaml")
-    teacher = ["--config", config, f"shards={shards}", f"out={os.path.join(work, 'teachers', name)}"]
+    teacher = ["--config", config, f"shards={shards}", f"out={os.path.join(work, 'teachers', name)}", f"labels={labels}"]
+    from teachers.kmeans import load_config as teacher_config
+
+    try:  # a config with values to fill in (configs/teachers/hubert_iter2.yaml: a run's layer) fails here, not later
+        teacher_config(config, teacher[2:])
+    except SystemExit as error:
+        raise RecipeError(f"teacher {name}: {error}; the recipe runs teachers whose config is complete (run this one "
+                          "with python -m teachers.kmeans and pass its labels folder's name in data.labels)") from None
     return [(f"fit-{name}", os.path.join(work, "teachers", name, "kmeans.json"),
              [["teachers.kmeans", "fit", *teacher, *workers]], False),
             (f"dump-{name}", os.path.join(labels, "teacher.json"), [["teachers.kmeans", "dump", *teacher, *workers]],
@@ -329,6 +335,8 @@ def sbatch_script(stage: dict, settings: dict, work: str) -> str:
                f"--output={os.path.join(work, 'logs', stage['name'])}-%A{'_%a' if stage['per_shard'] else ''}.out"]
     options += [f"--{name.lower()}={env[name]}" for name in ("PARTITION", "ACCOUNT") if env.get(name)]
     options += [f"--array=0-{settings['world'] - 1}"] if stage["per_shard"] else []
+    if env.get("GPUS_PER_TASK") and stage["name"].startswith(("dump-encodec", "probe-")):  # the stages a GPU speeds up
+        options.append(f"--gpus-per-task={env['GPUS_PER_TASK']}")
     command = shlex.join([sys.executable, os.path.abspath(__file__), "--work", work, "--run-stage", stage["name"]])
     return "\n".join(["#!/bin/bash", *[f"#SBATCH {option}" for option in options],
                       "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MUSICPT_RECIPE_JOB=1", f"exec {command}", ""])
@@ -380,6 +388,21 @@ def submit_chain(settings: dict, work: str, dry_run: bool) -> None:
             atomic_write_json(jobs_path, jobs)  # after each: a failed submission keeps the ids of those queued
     if not dry_run:
         print(f"follow it with: bash launch/recipe.sh --status {work}")
+
+
+def run_job(work: str, name: str) -> None:
+    """A --slurm job: one stage, after checking that the stage before it is complete. Of a per-shard stage the last
+    array task writes the index or manifest; where it could not see the others' parts (a shared filesystem's
+    caching) the stage is finished here, as one part of one: every shard is done, so only the index is written."""
+    chain = stages(read_settings(work), work)
+    position = [stage["name"] for stage in chain].index(name)
+    before = chain[position - 1] if position else None
+    if before is not None and not is_done(before) and before["per_shard"]:
+        run_stage(before, work)
+    if before is not None and not is_done(before):
+        raise RecipeError(f"stage {before['name']} is not complete (no {before['marker']}): read its log in "
+                          f"{os.path.join(work, 'logs')} and submit the recipe again")
+    run_one(chain[position], work)
 
 
 def job_states(job: str) -> list[str]:
@@ -437,15 +460,19 @@ def settings_of(args) -> dict:
 
 
 def stamp(settings: dict, work: str) -> None:
-    """Writes WORK/recipe.json, or refuses a work folder made from other recordings, preset or overrides."""
+    """Writes WORK/recipe.json, or refuses a work folder made from other recordings or another run configuration
+    (the preset and overrides resolved: the same settings in another order, or spelled otherwise, are the same)."""
     path = os.path.join(work, SETTINGS_FILE)
     if os.path.exists(path):
         saved = read_json(path, "the recipe's settings")
-        changed = [key for key in DEFINING if saved.get(key) != settings[key]]
-        if changed:
-            raise RecipeError(f"{work} holds a recipe made with other {', '.join(changed)} ("
-                              + "; ".join(f"{key}: {saved.get(key)}" for key in changed)
-                              + "); use another --work, or the same settings to finish it")
+        if saved.get("audio") != settings["audio"]:
+            raise RecipeError(f"{work} holds a recipe made from other recordings ({saved.get('audio')}); use another "
+                              "--work, or the same recordings to finish it")
+        differ = [line.strip() for line in settings["config"].splitlines()
+                  if line not in str(saved.get("config", "")).splitlines()]
+        if differ:
+            raise RecipeError(f"{work} holds a recipe made with other settings (here: {'; '.join(differ[:6])}); use "
+                              "another --work, or the same preset and overrides to finish it")
     os.makedirs(work, exist_ok=True)
     atomic_write_json(path, settings)
 
@@ -481,14 +508,12 @@ def main(argv=None) -> None:
         if args.status:
             return status(os.path.abspath(args.status))
         if args.run_stage:
-            work = os.path.abspath(args.work)
-            stage = {stage["name"]: stage for stage in stages(read_settings(work), work)}[args.run_stage]
-            return run_one(stage, work)
+            return run_job(os.path.abspath(args.work), args.run_stage)
         settings = settings_of(args)
         name = os.path.splitext(os.path.basename(settings["preset"]))[0]
         work = os.path.abspath(args.work or os.path.join("recipe_out", name))
         try:  # the preset and overrides valid, every teacher known, every weights file given: before anything runs
-            load_config(settings["preset"], train_overrides(settings, work))
+            settings["config"] = to_yaml(load_config(settings["preset"], train_overrides(settings, work)))
             stages(settings, work)
         except ConfigError as error:
             raise RecipeError(str(error)) from None

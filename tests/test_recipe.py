@@ -2,6 +2,7 @@
 both exports and a probe table in one command, killed with SIGKILL in a randomly chosen stage and run again."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -79,7 +80,7 @@ def test_a_work_folder_of_another_preset_and_missing_weights_are_refused_before_
                "--work", str(work)]
     env = {**os.environ, "PYTHON": sys.executable}
     refused = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert refused.returncode != 0 and "holds a recipe made with other preset" in refused.stderr
+    assert refused.returncode != 0 and "holds a recipe made with other settings" in refused.stderr
     weights = subprocess.run(command[:-1] + [str(tmp_path / "other"), "data.labels=[encodec]"], cwd=ROOT, env=env,
                              capture_output=True, text=True)
     assert weights.returncode != 0 and "--encodec-weights FILE" in weights.stderr
@@ -108,3 +109,18 @@ def test_a_sigterm_to_the_recipe_stops_its_stage_too(recordings, tmp_path):
     assert not left.strip(), f"stage processes outlived the recipe: {left}"
     status = json.loads((tmp_path / "work" / "runs" / "tiny" / "status.json").read_text())
     assert status["state"] == "stopped" and status["step"] < 400  # the trainer saved and stopped early
+
+
+def test_a_work_folder_is_finished_by_the_same_settings_however_spelled_and_refuses_others(tmp_path):
+    spec = importlib.util.spec_from_file_location("recipe", os.path.join(ROOT, "launch", "recipe.py"))
+    recipe_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe_module)
+    settings = {"audio": "/music", "preset": os.path.join(ROOT, "configs", "tiny.yaml"), "workers": 1}
+    config = lambda *overrides: recipe_module.to_yaml(recipe_module.load_config(  # noqa: E731
+        settings["preset"], ["data.shards=x", "data.labels=[x/l]", *overrides]))
+    recipe_module.stamp({**settings, "config": config("train.steps=20", "data.crop_seconds=1.0")}, str(tmp_path))
+    recipe_module.stamp({**settings, "config": config("data.crop_seconds=1", "train.steps=20")}, str(tmp_path))
+    with pytest.raises(recipe_module.RecipeError, match="steps: 30"):
+        recipe_module.stamp({**settings, "config": config("train.steps=30", "data.crop_seconds=1.0")}, str(tmp_path))
+    with pytest.raises(recipe_module.RecipeError, match="other recordings"):
+        recipe_module.stamp({**settings, "audio": "/other", "config": config()}, str(tmp_path))
