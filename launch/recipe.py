@@ -71,11 +71,10 @@ OWNED = WORK_PATHS + ("data.labels=",)  # ... and data.labels' folders, from the
 def label_teachers(settings: dict) -> list[str]:
     """The teachers whose labels the preset trains on: NAME for each data.labels folder .../NAME (the preset's, or
     a data.labels=[NAME,...] override's); none for a self-targeted objective (data2vec, BEST-RQ)."""
-    from pretrain.config import SELF_TARGETED, read_preset
+    from pretrain.config import read_preset, reads_labels
 
     preset, overrides = settings["preset"], [o for o in settings["overrides"] if not o.startswith(WORK_PATHS)]
-    kinds = [o.split("=", 1)[1] for o in overrides if o.startswith("objective.kind=")]
-    if (kinds or [read_preset(preset).get("objective", {}).get("kind", "mert")])[-1] in SELF_TARGETED:
+    if not reads_labels(preset, overrides):
         return []
     if not read_preset(preset).get("data", {}).get("labels") and not any(o.startswith("data.labels=") for o in overrides):
         raise RecipeError(f"{preset} trains on teacher labels and names none: add data.labels=[encodec] (EnCodec "
@@ -242,13 +241,15 @@ def record_path(work: str, name: str) -> str:
     return os.path.join(work, "stages", f"{name}.json")
 
 
-def run_one(stage: dict, work: str) -> None:
+def run_one(stage: dict, work: str) -> float:
     """Runs a stage and records when it finished and how long it took (WORK/stages/NAME.json) once its output is
-    complete (an array task of a per-shard stage may finish before the others: then nothing is recorded)."""
+    complete (an array task of a per-shard stage may finish before the others: then nothing is recorded). Returns
+    the seconds taken."""
     seconds = run_stage(stage, work)
     if is_done(stage):
         atomic_write_json(record_path(work, stage["name"]), {"seconds": round(seconds, 1), "job": os.environ.get(
             "SLURM_JOB_ID"), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return seconds
 
 
 def run_here(settings: dict, work: str, dry_run: bool) -> None:
@@ -259,11 +260,10 @@ def run_here(settings: dict, work: str, dry_run: bool) -> None:
             print("\n".join(shlex.join(python_command(command)) for command in stage["commands"]))
         else:
             print(f"== {stage['name']} (log: {os.path.join(work, 'logs', stage['name'] + '.log')})", flush=True)
-            run_one(stage, work)
+            seconds = run_one(stage, work)
             if not is_done(stage):
                 raise RecipeError(f"stage {stage['name']} ended without its output {stage['marker']}; see its log")
-            print(f"-- {stage['name']}: {read_json(record_path(work, stage['name']), 'a stage record')['seconds']} s",
-                  flush=True)
+            print(f"-- {stage['name']}: {seconds:.1f} s", flush=True)
     if not dry_run:
         report(settings, work)
 
@@ -416,9 +416,10 @@ def status(work: str) -> None:
     settings = read_settings(work)
     jobs_path = os.path.join(work, "slurm", "jobs.json")
     jobs = read_json(jobs_path, "the submitted jobs") if os.path.exists(jobs_path) else {}
-    if all(is_done(stage) for stage in stages(settings, work)):
+    chain = stages(settings, work)
+    if all(is_done(stage) for stage in chain):
         return report(settings, work)
-    for stage in stages(settings, work):
+    for stage in chain:
         job = jobs.get(stage["name"])
         logs = os.path.join(run_dir(settings, work), f"slurm-{job}.out") if stage["name"] == "pretrain" else \
             os.path.join(work, "logs", f"{stage['name']}-{job}{'_*' if stage['per_shard'] else ''}.out")
@@ -508,7 +509,8 @@ def main(argv=None) -> None:
         if args.status:
             return status(os.path.abspath(args.status))
         if args.run_stage:
-            return run_job(os.path.abspath(args.work), args.run_stage)
+            run_job(os.path.abspath(args.work), args.run_stage)
+            return
         settings = settings_of(args)
         name = os.path.splitext(os.path.basename(settings["preset"]))[0]
         work = os.path.abspath(args.work or os.path.join("recipe_out", name))

@@ -121,10 +121,11 @@ def read_preset(path: str, children: tuple[str, ...] = ()) -> DictConfig:
     return OmegaConf.merge(parent, preset)
 
 
-def reads_labels(path: str) -> bool:
-    """Whether the preset at `path` trains on teacher labels (data.labels: MERT's objective), not on targets its
-    objective makes from the audio in the step (SELF_TARGETED)."""
-    return read_preset(path).get("objective", {}).get("kind", "mert") not in SELF_TARGETED
+def reads_labels(path: str, overrides: list[str] = ()) -> bool:
+    """Whether the preset at `path`, with `key=value` overrides, trains on teacher labels (data.labels: MERT's
+    objective), not on targets its objective makes from the audio in the step (SELF_TARGETED)."""
+    kinds = [item.split("=", 1)[1] for item in overrides if item.startswith("objective.kind=")]
+    return (kinds or [read_preset(path).get("objective", {}).get("kind", ObjectiveConfig.kind)])[-1] not in SELF_TARGETED
 
 
 def check(cfg: RunConfig, where: str) -> None:
