@@ -190,6 +190,9 @@ def check_bestrq(cfg: RunConfig, where: str) -> None:
                       ("bestrq_stack", 1)):
         if getattr(o, name) < low:
             raise ConfigError(f"{where}: objective.{name}={getattr(o, name)} must be at least {low}")
+    if o.bestrq_norm not in ("bin", "clip"):
+        raise ConfigError(f"{where}: objective.bestrq_norm={o.bestrq_norm!r}: use 'bin' (per mel bin over time) or "
+                          "'clip' (one mean and std over the crop)")
     if FRAME_SAMPLES % o.bestrq_stack:
         raise ConfigError(f"{where}: objective.bestrq_stack={o.bestrq_stack} must divide the {FRAME_SAMPLES}-sample "
                           "label frame (log-mel hop = 320 / stack), e.g. 1, 2, 4 or 5")

@@ -83,6 +83,36 @@ def test_instance_norm_uses_real_frames_only_and_stacking_keeps_the_sub_frames_i
     assert torch.allclose(stacked[0, 10].view(4, 16), normalise(fine, torch.ones(1, 300, dtype=torch.bool))[0, 40:44])
 
 
+def held_note(hz: float, seconds: float = 1.0) -> torch.Tensor:
+    t = torch.arange(int(seconds * 24000)) / 24000
+    return 0.3 * torch.sin(2 * math.pi * hz * t) + 0.1 * torch.sin(4 * math.pi * hz * t)
+
+
+def test_clip_norm_keeps_a_held_note_in_the_codes_and_bin_norm_takes_it_out():
+    notes = torch.stack([held_note(220.0), held_note(330.0)])  # two crops, each one note held throughout
+    g = torch.Generator().manual_seed(0)
+    notes = notes + 1e-3 * torch.randn(notes.shape, generator=g)
+    lengths = torch.tensor([24000, 24000])
+    middle = slice(10, 65)  # 55 frames whose window lies inside the crop
+    for norm, most_codes in (("bin", None), ("clip", 8)):
+        codes = RandomProjectionQuantizer(dataclasses.replace(CFG, bestrq_norm=norm)).codes(notes, lengths)[:, middle]
+        for book in range(CFG.bestrq_codebooks):
+            first, second = (set(codes[i, :, book].tolist()) for i in range(2))
+            if norm == "bin":  # a held note is its crop's average: what is left, and coded, is the noise
+                assert min(len(first), len(second)) > 25 and first & second, (first, second)
+            else:  # one mean and std per crop: the note's harmonics stay, and each crop keeps to its own few codes
+                assert max(len(first), len(second)) <= most_codes and not first & second, (first, second)
+
+
+def test_clip_norm_is_one_mean_and_std_over_the_real_frames():
+    feats, real = torch.randn(2, 10, 3) * 5 + 3, torch.ones(2, 10, dtype=torch.bool)
+    real[1, 6:] = False
+    out = normalise(feats, real, (1, 2))
+    assert torch.allclose(out[0].mean(), torch.tensor(0.0), atol=1e-5) and torch.allclose(out[0].std(correction=0), torch.tensor(1.0))
+    assert torch.allclose(out[1, :6], normalise(feats[1:, :6], real[1:, :6], (1, 2))[0], atol=1e-5) and not out[1, 6:].any()
+    assert not torch.allclose(out[0].mean(0), torch.zeros(3), atol=1e-2)  # the bins keep their differences
+
+
 def test_a_tiny_model_learns_the_codes_of_masked_frames():
     model = objective().train()
     audio, lengths = music(seconds=1.5), torch.tensor([36000, 30000])

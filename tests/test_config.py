@@ -69,6 +69,7 @@ def test_bestrq_needs_no_labels_and_refuses_them():
     (["objective.bestrq_stack=3"], "objective.bestrq_stack"),
     (["objective.bestrq_codebook_size=1"], "objective.bestrq_codebook_size"),
     (["objective.bestrq_n_fft=16", "objective.bestrq_stack=2"], "objective.bestrq_n_fft"),
+    (["objective.bestrq_norm=corpus"], "objective.bestrq_norm"),
     (["train.eval_shards=/e", "train.eval_labels=[/e/labels/km]"], "train.eval_labels"),
 ])
 def test_bad_bestrq_settings_name_the_key(overrides, words):

@@ -7,7 +7,9 @@ quantizer, computed in the step from the clean audio. No offline teacher stage a
 Targets, per 320-sample label frame (75 Hz, the encoder's frame rate):
 1. log-mel (teachers/features.py: Slaney mel, natural log, window `bestrq_n_fft` centred on the frame) at hop
    320 / `bestrq_stack`, so `bestrq_stack` sub-frames fall inside each label frame;
-2. normalised per mel bin over the crop's real frames (instance norm: mean 0, std 1 over time) — see `normalise`;
+2. normalised over the crop's real frames (`bestrq_norm`): "bin", per mel bin over time (instance norm: mean 0,
+   std 1 per bin), or "clip", one mean and std over all the crop's bins and frames (MusicFM's scalar
+   normalisation, with the crop's statistics instead of the corpus's) — see `normalise`;
 3. the `bestrq_stack` sub-frames of a label frame concatenated: [n_mels x stack];
 4. per codebook, projected by a fixed Xavier-normal matrix to `bestrq_dim` dims and assigned the nearest of
    `bestrq_codebook_size` random unit vectors by cosine.
@@ -35,6 +37,7 @@ from pretrain.objectives.mert import Objective, ObjectiveConfig
 from teachers.features import FeatureConfig, FeatureExtractor
 
 STREAM = "bestrq"  # the logs' name: loss/bestrq_N, acc/bestrq_N
+NORM_DIMS = {"bin": (1,), "clip": (1, 2)}  # bestrq_norm -> the dims of [B, T, n_mels] that `normalise` reduces over
 NORM_FLOOR = 1e-3  # std floor of the instance norm, in natural-log units: a constant bin (silence) maps to 0
 
 
@@ -46,8 +49,11 @@ def normalise(feats: torch.Tensor, real: torch.Tensor, dims: tuple[int, ...] = (
     of the crop (deterministic, the same on every rank and after a resume), and takes away what a random
     projection would otherwise be dominated by (the average spectral tilt and the loudness of the recording,
     which would put most frames on a few codes). Its cost: codes describe each frame relative to its crop's
-    average spectrum, so the same audio frame can get another code in another crop of the same track."""
-    weight = real.to(feats.dtype)[..., None]
+    average spectrum, so the same audio frame can get another code in another crop of the same track, and what
+    stays the same through the crop (a held note, the instrument's spectral envelope) is not in its codes.
+    dims (1, 2) over time and features: one mean and std per crop, which keeps the spectrum's shape in the codes
+    and takes away only the recording's level and contrast (`bestrq_norm: clip`)."""
+    weight = real.to(feats.dtype)[..., None].expand_as(feats)
     count = weight.sum(dims, keepdim=True).clamp(min=1.0)
     mean = (feats * weight).sum(dims, keepdim=True) / count
     var = ((feats - mean).square() * weight).sum(dims, keepdim=True) / count
@@ -64,7 +70,7 @@ class RandomProjectionQuantizer:
     """codes(audio [B, N], lengths [B]) -> int64 [B, N // 320, books]. A plain object, not an nn.Module."""
 
     def __init__(self, cfg: ObjectiveConfig):
-        self.stack = cfg.bestrq_stack
+        self.stack, self.norm_dims = cfg.bestrq_stack, NORM_DIMS[cfg.bestrq_norm]
         self.features = FeatureExtractor(FeatureConfig(kind="logmel", hop=FRAME_SAMPLES // cfg.bestrq_stack,
                                                        n_fft=cfg.bestrq_n_fft, n_mels=cfg.bestrq_n_mels))
         generator = torch.Generator().manual_seed(cfg.bestrq_seed)
@@ -82,7 +88,7 @@ class RandomProjectionQuantizer:
         frames, hop = audio.shape[1] // FRAME_SAMPLES, FRAME_SAMPLES // self.stack
         feats = self.features(audio.float())[:, :frames * self.stack]  # [B, frames x stack, n_mels]
         real = torch.arange(feats.shape[1], device=audio.device)[None] < (lengths // hop)[:, None]
-        feats = normalise(feats, real)
+        feats = normalise(feats, real, self.norm_dims)
         return feats.reshape(len(audio), frames, -1)
 
     @torch.no_grad()

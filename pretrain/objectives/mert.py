@@ -52,6 +52,8 @@ class ObjectiveConfig:
     bestrq_n_mels: int = 128
     bestrq_n_fft: int = 2048
     bestrq_stack: int = 1  # log-mel frames per 320-sample label frame (hop 320 / stack), concatenated
+    bestrq_norm: str = "bin"  # log-mel standardised per crop: "bin", each mel bin over time (what stays the same
+    # through the crop leaves the codes); "clip", one mean and std over the crop (MusicFM: over the corpus)
     # kind=data2vec (pretrain/objectives/data2vec.py; configs/music2vec_95m.yaml): regression of an EMA teacher's top-k layers
     data2vec_top_k: int = 8  # feed-forward outputs of the teacher's top k blocks, averaged
     data2vec_ema_decay: float = 0.999  # the teacher's EMA decay at step 0 ...
