@@ -1,6 +1,7 @@
 """Loader throughput over FLAC and WAV shards against raw soundfile FLAC decoding of the same audio.
 
     python bench/data_throughput.py [--shards DIR [DIR ...]] [--codecs flac wav] [--minutes 10] [--workers 1]
+                                    [--json bench/results/data_throughput.json]
 
 Without --shards it generates the demo corpus and shards it once per codec (`data.shards build --codec`) in
 a temporary folder. It prints, in audio-seconds per second per core:
@@ -9,7 +10,8 @@ a temporary folder. It prints, in audio-seconds per second per core:
   loader   data.stream.AudioLoader per shard set: read tar, shuffle, read only the crop, batch (per worker)
 the ratio loader / raw for each shard set (targets: >= 0.9 at 5 s crops) and each set's bytes per audio-second,
 as medians of per-round ratios (rounds are interleaved because CPU speed on shared machines drifts). The loader
-delivers crops, so it decodes less than it reads: that is the point of seeking inside the member.
+delivers crops, so it decodes less than it reads: that is the point of seeking inside the member. --json writes
+the figures (the docs' table is made of that file by bench/report.py).
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 
-from data import demo  # noqa: E402
+from synth import demo  # noqa: E402
+from data.files import atomic_write_json  # noqa: E402
 from data.audio import SAMPLE_RATE  # noqa: E402
 from data.index import read_index  # noqa: E402
 from data.shards import AUDIO_PARTS, ShardConfig, audio_codec, audio_part, build  # noqa: E402
@@ -78,7 +81,23 @@ def shard_set(folder: str) -> dict:
     samples = [parts for p in paths for _, _, _, parts in read_samples(p)]
     hours = read_index(folder)["hours"]
     return {"folder": folder, "paths": paths, "codec": audio_codec(samples[0]), "members": [audio_part(s) for s in samples],
-            "bytes_per_second": sum(os.path.getsize(p) for p in paths) / (hours * 3600)}
+            "bytes_per_second": sum(os.path.getsize(p) for p in paths) / (hours * 3600), "minutes": hours * 60}
+
+
+def figures(args, sets: list[dict], rates: dict) -> dict:
+    """What the run measured, as written by --json: medians over the rounds, and each loader's per-round ratios."""
+    raw = np.array(rates["raw"])
+    loader = {}
+    for s in sets:
+        rate = np.array(rates[s["folder"]])
+        loader[s["codec"]] = {"rate": float(np.median(rate)), "ratio_to_raw": float(np.median(rate / raw)),
+                              "ratio_to_naive": float(np.median(rate / np.array(rates["naive"]))),
+                              "ratio_per_round": [round(float(r), 3) for r in rate / raw],
+                              "bytes_per_second": s["bytes_per_second"]}
+    return {"cores": os.cpu_count(), "workers": args.workers, "crop_seconds": args.crop_seconds,
+            "batch_size": args.batch_size, "rounds": args.rounds, "minutes": round(sets[0]["minutes"], 2),
+            "raw": float(np.median(raw)), "naive": float(np.median(rates["naive"])),
+            "naive_ratio_to_raw": float(np.median(np.array(rates["naive"]) / raw)), "loader": loader}
 
 
 def main() -> None:
@@ -90,6 +109,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="loader worker processes")
     parser.add_argument("--batches", type=int, default=30, help="loader batches per round")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved measurement rounds; medians are printed")
+    parser.add_argument("--json", help="write the figures to this file (bench/results/data_throughput.json: the docs' table)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop-seconds", type=float, default=5.0)
     args = parser.parse_args()
@@ -122,6 +142,9 @@ def main() -> None:
         print(f"  ratio to raw {peer['codec']} decode     : {np.median(loader / raw):.2f} (target >= 0.90); per round: "
               + " ".join(f"{r:.2f}" for r in loader / raw))
         print(f"  ratio to naive             : {np.median(loader / naive):.2f}")
+    if args.json:
+        atomic_write_json(args.json, figures(args, sets, rates))
+        print(f"figures: {args.json}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 
 Needs the `bench` extra (`pip install -e '.[bench]'`, pins scikit-learn).
 
-It generates the demo corpus (data.demo) in a temporary folder, decodes every
+It generates the demo corpus (synth.demo) in a temporary folder, decodes every
 track to mono 24 kHz as the sharder does (data.audio.stream_mono: soundfile + soxr) and
 computes teacher features (teachers.features), then subsamples `--frames`
 frames with a seeded RNG. Cases:
@@ -70,7 +70,7 @@ import torch  # noqa: E402
 from sklearn.cluster import MiniBatchKMeans  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from data import demo  # noqa: E402
+from synth import demo  # noqa: E402
 from data.audio import FRAME_RATE, SAMPLE_RATE, stream_mono  # noqa: E402
 from teachers.features import FeatureConfig, FeatureExtractor  # noqa: E402
 from teachers.kmeans import train_kmeans  # noqa: E402

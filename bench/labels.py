@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-from data import demo  # noqa: E402
+from synth import demo  # noqa: E402
 from data.audio import SAMPLE_RATE  # noqa: E402
 from data.index import read_index  # noqa: E402
 from data.shards import ShardConfig, audio_part, build  # noqa: E402

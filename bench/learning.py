@@ -17,7 +17,7 @@ MARBLE-style probes. The table gives each task's primary metric (accuracy; key: 
 probe with the best validation score among every single layer and the weighted sum of layers, and the effective
 rank (principal components holding 95% of the variance of the centred final-layer clip means). The targets ask
 the trained encoder to reach the best hand-made statistic and 1.2x its random init, at mean+std pooling. Figures
-go to WORK/learning.json and WORK/results/NAME.json (bench/learning_table.py makes the docs' tables of those), a
+go to WORK/learning.json and WORK/results/NAME.json (bench/report.py makes the docs' tables of those), a
 chart to WORK/learning.png. The exit code is 0 whether the targets pass or fail.
 
 The objective is the preset's: configs/small_data2vec.yaml and configs/small_bestrq.yaml are configs/small.yaml
@@ -95,7 +95,7 @@ def prepare_training(args, work: str) -> str:
         if not corpus_done:  # stamped before it is made, so a killed stage re-runs under the same check; a corpus
             atomic_write_json(stamp, wanted)  # from before the stamp existed is kept unchecked, never stamped by guess
         run_stage("corpus", corpus_done,
-                  [py("data.demo", "--out", corpus, "--minutes", str(args.minutes), "--timbres", args.timbres)], work)
+                  [py("synth.demo", "--out", corpus, "--minutes", str(args.minutes), "--timbres", args.timbres)], work)
     run_stage("shards", os.path.exists(os.path.join(shards, "index.json")),
               [py("data.shards", "build", "--input", audio, "--out", shards, "--workers", "2", "--shard-size", "8M")],
               work)
@@ -438,7 +438,7 @@ def parse_args(argv=None):
                         "instrument test clips; at 1, the 1.2x target on instrument family is within one test set's noise)")
     parser.add_argument("--teacher", choices=("logmel_chroma", "mfcc"), default="logmel_chroma")
     parser.add_argument("--timbres", choices=("fixed", "random"), default="fixed",
-                        help="training corpus voices (python -m data.demo --timbres); the probe corpus always has random ones")
+                        help="training corpus voices (python -m synth.demo --timbres); the probe corpus always has random ones")
     parser.add_argument("--steps", type=int, help="shortcut for train.steps=N")
     parser.add_argument("--name", help="run name (default: the config's file name)")
     parser.add_argument("--smoke", action="store_true", help="tiny preset, 1 minute, 20 steps, probe scale 0.1")
@@ -479,7 +479,7 @@ def main(argv=None) -> None:
         print(f"learning benchmark: {args.config}, {corpus}, {teacher}, work {work}")
         run_dir = train(args, work, prepare_training(args, work))
     run_stage("probe corpus", os.path.exists(os.path.join(probe_dir, "probe.json")),
-              [py("data.demo", "--probe", "--out", probe_dir, "--scale", str(args.scale))], work)
+              [py("synth.probe", "--out", probe_dir, "--scale", str(args.scale))], work)
     folders = extract_all(work, run_dir)
     scores = probe_all(work, folders)
     ranks = {task: {name: clip_rank(folders[task]["mean"][name]) for name in ("trained", "random")} for task in TASKS}
@@ -510,7 +510,7 @@ def main(argv=None) -> None:
                                  **{name: round(seconds, 2) for name, seconds in TIMES.items()}},  # stages run before too
                "seconds": round(total, 1)}
     atomic_write_json(os.path.join(work, "learning.json"), results)
-    atomic_write_json(os.path.join(work, "results", f"{args.name}.json"), results)  # each run's, kept (bench/learning_table.py)
+    atomic_write_json(os.path.join(work, "results", f"{args.name}.json"), results)  # each run's, kept (bench/report.py)
     plot(scores, clips, os.path.join(work, "learning.png"), f"{args.name}: {results['corpus']}")
     met, judged = targets_met(results["targets"])
     print(f"\nlearning benchmark: {met}/{judged} targets met ({'PASS' if met == judged else 'FAIL'}"

@@ -5,27 +5,34 @@ import glob
 import json
 import os
 import tempfile
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 
-def atomic_write_bytes(path: str, payload: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+def atomic_write(path: str, write: Callable[[str], Any]) -> None:
+    """`write(tmp)` fills a temporary file (a path in the same folder as `path`, named `NAME.XXXX.tmp`), which is
+    then fsynced and renamed over `path`: `path` is never half written, and a killed write leaves only the
+    temporary file (`remove_temporaries`)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
 
 
 def remove_temporaries(paths: list[str]) -> int:

@@ -22,7 +22,7 @@ fi
 export OMP_NUM_THREADS=1
 
 echo "== 1/3 demo corpus: 10 minutes of synthetic music in 24 keys"
-"$PY" -m data.demo --out "$WORK/corpus" --minutes 10
+"$PY" -m synth.demo --out "$WORK/corpus" --minutes 10
 printf 'RIFF, but not audio' > "$WORK/corpus/audio/unreadable.wav"  # skipped by the sharder, with its reason
 echo "== 2/3 the recipe: bash launch/recipe.sh $WORK/corpus/audio $PRESET --work $WORK/$NAME"
 PYTHON="$PY" bash launch/recipe.sh "$WORK/corpus/audio" "$PRESET" --work "$WORK/$NAME" --workers 2

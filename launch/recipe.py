@@ -487,7 +487,7 @@ def parse_args(argv=None):
     parser.add_argument("--encodec-weights", help="the EnCodec teacher's weights (encodec_24khz-d7cc33bc.th)")
     parser.add_argument("--probe", action="append", default=[], metavar="TASK.yaml",
                         help="a probe task (configs/probe/); repeat for more")
-    parser.add_argument("--probe-root", help="task NAME reads DIR/NAME/labels.jsonl (python -m data.demo --probe)")
+    parser.add_argument("--probe-root", help="task NAME reads DIR/NAME/labels.jsonl (python -m synth.probe)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes per stage")
     parser.add_argument("--world", type=int, default=4, help="--slurm: array tasks per per-shard stage")
     parser.add_argument("--slurm", action="store_true", help="submit the stages as a chain of SLURM jobs")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data import demo
+from synth import demo
 from data.shards import ShardConfig, build
 from teachers import dump as dump_stage
 from teachers.kmeans import KMeansConfig, KMeansTeacher, StreamSpec, fit

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data import demo
+from synth import demo
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_random_timbres_change_the_voices_not_the_music(tmp_path):
     """--timbres random: same tracks, keys and labels as the fixed-synth corpus, other sounds, finite audio."""
     import soundfile as sf
 
-    from data.demo import generate
+    from synth.demo import generate
 
     fixed = generate(tmp_path / "fixed", 0.3, seed=3)
     random = generate(tmp_path / "random", 0.3, seed=3, timbres="random")

@@ -143,20 +143,22 @@ def test_a_work_folder_with_another_training_corpus_is_refused_not_reused(tmp_pa
     assert not (older / "corpus.json").exists()
 
 
-table_spec = importlib.util.spec_from_file_location("learning_table", os.path.join(ROOT, "bench", "learning_table.py"))
-learning_table = importlib.util.module_from_spec(table_spec)
-table_spec.loader.exec_module(learning_table)
+report_spec = importlib.util.spec_from_file_location("report", os.path.join(ROOT, "bench", "report.py"))
+report = importlib.util.module_from_spec(report_spec)
+report_spec.loader.exec_module(report)
 
 
 def test_the_docs_tables_are_the_recorded_results():
-    """Every learning table in the README and docs/learning.md is what bench/learning_table.py makes of the result
-    files it names: regenerating changes nothing (edit the results, not the tables)."""
-    for name in ("README.md", os.path.join("docs", "learning.md")):
+    """Every report block in the README and docs is what bench/report.py makes of the JSON files it names:
+    regenerating changes nothing (edit the results, not the tables)."""
+    docs = ["README.md"] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    kinds = set()
+    for name in docs:
         text = open(os.path.join(ROOT, name)).read()
-        blocks = list(learning_table.BLOCK.finditer(text))
-        for block in blocks:
-            paths = glob.glob(os.path.join(ROOT, block["glob"]))
-            assert paths and block["table"] == learning_table.table(paths), f"{name}: python bench/learning_table.py --update {name}"
+        for block in report.BLOCK.finditer(text):
+            kinds.add(block["kind"])
+            assert block["table"] == report.table(block["kind"], block["glob"]), f"{name}: python bench/report.py --update {name}"
+    assert kinds == set(report.TABLES) - {'data-throughput'}  # TEMP
 
 
 def test_a_table_block_is_rewritten_from_its_results(tmp_path):
@@ -166,8 +168,8 @@ def test_a_table_block_is_rewritten_from_its_results(tmp_path):
               "config": "configs/small.yaml", "steps": 3000, "seed": 1}
     (tmp_path / "syn-x.json").write_text(json.dumps(result))
     doc = tmp_path / "doc.md"
-    doc.write_text(f"before\n<!-- learning-table: {tmp_path}/syn-*.json -->\nstale\n<!-- /learning-table -->\nafter\n")
-    assert learning_table.update(str(doc)) and not learning_table.update(str(doc))
+    doc.write_text(f"before\n<!-- report learning-table: {tmp_path}/syn-*.json -->\nstale\n<!-- /report -->\nafter\n")
+    assert report.update(str(doc)) and not report.update(str(doc))
     lines = doc.read_text().splitlines()
     assert lines[0] == "before" and lines[-1] == "after" and "stale" not in lines
     assert lines[4].startswith("| syn-x | synthetic | logmel + mert, small.yaml 3000 steps, seed 1: `x=1` | 0.900 (1.50x logmel); rnd 0.500 (1.80x)")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import demo
+from synth import demo
 from pretrain.downstream import probe as P
 from pretrain.downstream import probe_data as D
 from pretrain.downstream import probe_metrics as M

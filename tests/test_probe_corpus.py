@@ -1,4 +1,4 @@
-"""The probe corpus (python -m data.demo --probe): every class in every split, timbres held out, deterministic,
+"""The probe corpus (python -m synth.probe): every class in every split, timbres held out, deterministic,
 named as pretrain.downstream.extract names clips, readable by pretrain.downstream.probe, and audibly what its labels say."""
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data import demo
-from data import probe_corpus as pc
+from synth import probe as pc
 from pretrain.downstream.extract import clips
 from pretrain.downstream.probe_data import load_task, match_clips, read_labels
 from pretrain.downstream.probe_metrics import KEY_NAMES, key_index
@@ -82,7 +81,7 @@ def test_same_seed_same_bytes_and_rerun_does_nothing(corpus, tmp_path):
         assert pc.make_clip(task, 1, index)[1] != payload
     stamps = {path: os.stat(path).st_mtime_ns for path in out.rglob("*")}
     assert pc.generate_probe(out, seed=0, scale=SCALE) == summary
-    demo.main(["--probe", "--out", str(out), "--scale", str(SCALE)])
+    pc.main(["--out", str(out), "--scale", str(SCALE)])
     assert {path: os.stat(path).st_mtime_ns for path in out.rglob("*")} == stamps
     with pytest.raises(SystemExit, match="other settings"):
         pc.generate_probe(out, seed=1, scale=SCALE)

@@ -21,9 +21,9 @@ STAGES = ["shards", "fit-logmel_chroma", "dump-logmel_chroma", "pretrain", "expo
 def recordings(tmp_path_factory):
     folder = tmp_path_factory.mktemp("recipe")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for args in (["--out", str(folder / "corpus"), "--minutes", "1"],
-                 ["--probe", "--out", str(folder / "probe"), "--scale", "0.1"]):
-        subprocess.run([sys.executable, "-m", "data.demo", *args], cwd=ROOT, env=env, check=True, capture_output=True)
+    for args in (["synth.demo", "--out", str(folder / "corpus"), "--minutes", "1"],
+                 ["synth.probe", "--out", str(folder / "probe"), "--scale", "0.1"]):
+        subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, check=True, capture_output=True)
     (folder / "corpus" / "audio" / "broken.wav").write_bytes(b"RIFF not really a wav file")
     return folder
 

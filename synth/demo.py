@@ -7,8 +7,9 @@ strings, organ, bass, mallet, drums). Tracks are written as real audio files
 in a deterministic cycle of formats, sample rates and channel counts, next to
 ``labels.jsonl`` holding the key, tempo, instruments, format and split of each.
 
-    python -m data.demo --out DIR --minutes N [--seed 0]
-    python -m data.demo --probe --out DIR [--seed 0] [--scale 1.0]   # labelled probe corpus: data/probe_corpus.py
+    python -m synth.demo --out DIR --minutes N [--seed 0] [--timbres fixed|random]
+
+(The labelled probe corpus is synth/probe.py's.)
 
 Track ``i`` depends only on ``(seed, i)``, so a longer corpus starts with the
 same tracks as a shorter one, and the lossless files (wav, flac) decode to
@@ -21,7 +22,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +29,9 @@ import numpy as np
 import soundfile as sf
 from scipy import signal
 
-PITCH_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
-SCALE_STEPS = {"major": (0, 2, 4, 5, 7, 9, 11), "minor": (0, 2, 3, 5, 7, 8, 10)}
+from data.files import atomic_write, atomic_write_bytes
+from synth.music import NYQUIST_MARGIN, PITCH_NAMES, SCALE_STEPS, SR, midi_to_hz, random_timbre, render_note
+
 ROMAN_NUMERALS = {
     "major": ("I", "ii", "iii", "IV", "V", "vi", "vii°"),
     "minor": ("i", "ii°", "III", "iv", "v", "VI", "VII"),
@@ -48,7 +49,6 @@ INSTRUMENT_GAINS = {"pluck": 0.9, "strings": 0.6, "organ": 0.45, "mallet": 0.9,
 MIN_TRACK_S, MAX_TRACK_S = 15.0, 30.0
 MIN_TEMPO_BPM, MAX_TEMPO_BPM = 70.0, 170.0
 NOISE_STD = 1e-3
-NYQUIST_MARGIN = 0.45  # partials above this fraction of the sample rate are dropped
 KEY_STREAM = 0x6B6579  # spawn key tag of the key-plan random stream ("key")
 SPLIT_SALT = "demo-split"
 
@@ -102,10 +102,6 @@ class TrackPlan:
 
 # --------------------------------------------------------------------------
 # Instrument synthesis: each returns a mono note of round(duration_s * sr) samples.
-
-
-def midi_to_hz(midi: float) -> float:
-    return 440.0 * 2.0 ** ((midi - 69) / 12.0)
 
 
 def _note_time(duration_s: float, sr: int) -> np.ndarray:
@@ -425,10 +421,8 @@ def render_drums(hits, num_samples: int, sr: int, rng) -> np.ndarray:
 
 def random_voice_synths(plan: TrackPlan, rng) -> dict:
     """{instrument: synth(freq, duration_s, sr)} playing a random timbre per instrument of this track
-    (data.probe_corpus.random_timbre, drawn from the track's own audio stream, so no two tracks share one and
+    (synth.music.random_timbre, drawn from the track's own audio stream, so no two tracks share one and
     none equals a probe-corpus timbre); rendered at 24 kHz and resampled to the track's rate."""
-    from data.probe_corpus import SR, random_timbre, render_note
-
     def synth_for(voice):
         def synth(freq: float, duration_s: float, sr: int) -> np.ndarray:
             midi = 69 + 12 * math.log2(freq / 440.0)
@@ -488,22 +482,10 @@ def render_track(plan: TrackPlan, rng, timbres: str = "fixed") -> np.ndarray:
 # Writing.
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename, so ``path`` is never half written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_track(plan: TrackPlan, audio: np.ndarray, path: Path) -> None:
     fmt = plan.fmt
     data = audio[:, 0] if fmt.channels == 1 else audio
-    _atomic_write(path, lambda tmp: sf.write(tmp, data, fmt.sample_rate,
-                                             format=fmt.format, subtype=fmt.subtype))
+    atomic_write(str(path), lambda tmp: sf.write(tmp, data, fmt.sample_rate, format=fmt.format, subtype=fmt.subtype))
 
 
 def label_record(plan: TrackPlan, relative_path: str) -> dict:
@@ -542,31 +524,20 @@ def generate(out_dir, minutes: float, seed: int = 0, timbres: str = "fixed") -> 
         records.append(label_record(plan, relative_path))
     records.sort(key=lambda record: record["file"])
     lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    _atomic_write(out_dir / "labels.jsonl", lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+    atomic_write_bytes(str(out_dir / "labels.jsonl"), lines.encode("utf-8"))
     return records
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--minutes", type=float, help="total audio to make (the training corpus)")
+    parser.add_argument("--minutes", type=float, help="total audio to make")
     parser.add_argument("--seed", type=int, default=0, help="non-negative corpus seed")
     parser.add_argument("--timbres", choices=("fixed", "random"), default="fixed",
                         help="training corpus: the five fixed demo synths, or a random timbre per instrument and track")
-    parser.add_argument("--probe", action="store_true",
-                        help="write the labelled probe corpus (pitch, instrument, key; data/probe_corpus.py) instead")
-    parser.add_argument("--scale", type=float, default=1.0, help="--probe: multiplies the clips per class")
-    parser.add_argument("--workers", type=int, default=0, help="--probe: processes (0: one per CPU, at most 8)")
     args = parser.parse_args(argv)
-    if args.probe:
-        if args.minutes is not None or not args.scale > 0 or args.seed < 0:
-            parser.error("--probe takes --scale > 0 and --seed >= 0, not --minutes")
-        from data.probe_corpus import describe, generate_probe
-
-        print(describe(generate_probe(args.out, args.seed, args.scale, args.workers or None), args.out))
-        return
     if args.minutes is None:
-        parser.error("--minutes is required (or --probe for the probe corpus)")
+        parser.error("--minutes is required (python -m synth.probe makes the labelled probe corpus)")
     if not args.minutes > 0 or args.seed < 0:
         parser.error("--minutes must be > 0 and --seed >= 0")
     records = generate(args.out, args.minutes, args.seed, args.timbres)
