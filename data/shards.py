@@ -49,6 +49,10 @@ BYTES_PER_SECOND = {"flac": 32_000, "wav": 48_000}
 AUDIO_PARTS = tuple(BYTES_PER_SECOND)  # the audio member of a sample is KEY.<one of these>
 
 
+class ShardError(Exception):
+    """A shard folder that cannot be built or finished as asked; the message names it and what to do."""
+
+
 @dataclass(frozen=True)
 class ShardConfig:
     segment_seconds: float = 30.0
@@ -156,16 +160,16 @@ def load_or_make_plan(out_dir: str, root: str, rels: list[str], cfg: ShardConfig
         atomic_write_json(path, plan)  # every rank computes the same plan; the last rename wins harmlessly
         return plan
     plan = read_json(path, "a shard plan")
-    planned = {"codec": "flac", **plan["config"]}  # plans from before the codec setting were FLAC
+    planned = plan["config"]
     changed = [k for k, v in asdict(cfg).items() if planned.get(k) != v]
     if changed:
         was = ", ".join(f"{k}={planned.get(k)}" for k in changed)
-        raise SystemExit(
+        raise ShardError(
             f"{path}: this folder was built with other settings ({was}). "
             "Re-run with the same settings to finish it, or use a new --out."
         )
     if plan["root"] != root or plan["sources_hash"] != sources_hash(root, rels):
-        raise SystemExit(
+        raise ShardError(
             f"{path}: the input files differ from those this folder was built from ({plan['root']}). "
             "Use a new --out for a new corpus, or delete this folder to rebuild it."
         )
@@ -406,7 +410,10 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.rank)
     cfg = ShardConfig(args.segment_seconds, args.min_segment_seconds, args.shard_size, args.silence_db, args.min_sample_rate, args.seed,
                       args.codec)
-    report = build(args.input, args.out, cfg, args.workers, args.rank, args.world)
+    try:
+        report = build(args.input, args.out, cfg, args.workers, args.rank, args.world)
+    except (ShardError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
     print(format_report(report), file=sys.stderr)
 
 

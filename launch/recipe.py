@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import math
 import os
 import shlex
@@ -101,11 +100,12 @@ def teacher_commands(name: str, settings: dict, work: str) -> list[tuple[str, st
         raise RecipeError(f"the preset's data.labels names a teacher {name!r}: neither encodec nor "
                           f"configs/teachers/{name}.yaml")
     teacher = ["--config", config, f"shards={shards}", f"out={os.path.join(work, 'teachers', name)}", f"labels={labels}"]
+    from teachers import TeacherError
     from teachers.kmeans import load_config as teacher_config
 
     try:  # a config with values to fill in (configs/teachers/hubert_iter2.yaml: a run's layer) fails here, not later
         teacher_config(config, teacher[2:])
-    except SystemExit as error:
+    except TeacherError as error:
         raise RecipeError(f"teacher {name}: {error}; the recipe runs teachers whose config is complete (run this one "
                           "with python -m teachers.kmeans and pass its labels folder's name in data.labels)") from None
     return [(f"fit-{name}", os.path.join(work, "teachers", name, "kmeans.json"),

@@ -36,6 +36,7 @@ import argparse
 import io
 import json
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -404,13 +405,13 @@ def settings_of(seed: int, scale: float) -> dict:
 
 
 def _check_settings(path: Path, settings: dict, out: Path) -> bool:
-    """True if `path` exists with these settings; refuse (SystemExit) other settings."""
+    """True if `path` exists with these settings; refuse (ValueError) other settings."""
     if not path.exists():
         return False
     saved = json.loads(path.read_text())
     changed = [key for key in settings if saved.get(key) != settings[key]]
     if changed:
-        raise SystemExit(f"{out}: holds a probe corpus made with other settings ({', '.join(changed)}: "
+        raise ValueError(f"{out}: holds a probe corpus made with other settings ({', '.join(changed)}: "
                          f"{[saved.get(k) for k in changed]}, now {[settings[k] for k in changed]}); "
                          "use another --out, or the same settings to finish it")
     return True
@@ -472,7 +473,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not args.scale > 0 or args.seed < 0:
         parser.error("--scale must be > 0 and --seed >= 0")
-    print(describe(generate_probe(args.out, args.seed, args.scale, args.workers or None), args.out))
+    try:
+        print(describe(generate_probe(args.out, args.seed, args.scale, args.workers or None), args.out))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

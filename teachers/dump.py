@@ -30,6 +30,7 @@ from data.shards import audio_part
 from data.tar import read_samples
 from data.labels import (code_dtype, sidecar_path, summary_path, teacher_identity, try_write_manifest,
                              write_sidecar)
+from teachers import TeacherError
 
 _worker_teacher = None
 # glibc returns freed blocks over 32 MB to the OS at once, so a conv net's large activations are page-faulted
@@ -115,7 +116,7 @@ def check_or_start(labels_dir: str, identity: dict, index: dict) -> None:
     changed = [k for k in wanted if started.get(k) != wanted[k]]
     if changed:
         was = ", ".join(f"{k}: {started.get(k)!r} -> {wanted[k]!r}" for k in changed)
-        raise SystemExit(f"{path}: this labels folder was started with another teacher or shard set ({was}). "
+        raise TeacherError(f"{path}: this labels folder was started with another teacher or shard set ({was}). "
                          "Re-run with the same ones to finish it, or dump into a new folder.")
 
 

@@ -24,6 +24,7 @@ from data.audio import FRAME_SAMPLES
 from data.cluster import local_device
 from data.logs import logger, setup_logging
 from teachers.dump import dump, format_report, restart_with_tuned_malloc
+from teachers import TeacherError
 
 WEIGHTS_NAME = "encodec_24khz-d7cc33bc.th"
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/encodec/v0/" + WEIGHTS_NAME
@@ -34,12 +35,12 @@ log = logger(__name__)
 def load_state(weights: str | None) -> dict:
     if weights is not None:
         if not os.path.isfile(weights):
-            raise SystemExit(f"{weights}: no such EnCodec weights file; download {WEIGHTS_URL} and pass its path")
+            raise TeacherError(f"{weights}: no such EnCodec weights file; download {WEIGHTS_URL} and pass its path")
         return torch.load(weights, map_location="cpu", weights_only=True)
     try:
         return torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location="cpu", check_hash=True)
     except Exception as e:  # no network, proxy refusal, bad cache: all end in the same advice
-        raise SystemExit(
+        raise TeacherError(
             f"could not get the pretrained EnCodec weights ({type(e).__name__}: {e}). On a machine with internet access "
             f"download {WEIGHTS_URL}, copy it here and pass --weights PATH (or put it in "
             f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}). --random-init exists for tests only."
@@ -78,7 +79,7 @@ class EncodecTeacher:
         from encodec import EncodecModel  # imports torchaudio; keep it out of the import of this module
 
         if float(bandwidth) not in BANDWIDTH_CODEBOOKS:
-            raise SystemExit(f"bandwidth {bandwidth}: use one of {sorted(BANDWIDTH_CODEBOOKS)} kbps")
+            raise TeacherError(f"bandwidth {bandwidth}: use one of {sorted(BANDWIDTH_CODEBOOKS)} kbps")
         if random_init:
             torch.manual_seed(seed)
         model = EncodecModel.encodec_model_24khz(pretrained=False)
@@ -140,7 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     batch = args.batch if args.batch is not None else (16 if args.device.startswith("cuda") else 1)
     if batch < 1:
         parser.error(f"--batch {batch}: use 1 or more segments")
-    report = dump(make_teacher, args.shards, labels, workers, args.rank, args.world, batch=batch)
+    try:
+        report = dump(make_teacher, args.shards, labels, workers, args.rank, args.world, batch=batch)
+    except (TeacherError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
     if args.random_init:
         log.warning("random-init EnCodec: the codes in %s are for tests, not for pretraining", labels)
     print(format_report(report), file=sys.stderr)

@@ -44,6 +44,7 @@ from data.index import read_index
 from data.logs import setup_logging
 from data.shards import audio_part
 from data.tar import read_samples
+from teachers import TeacherError
 from teachers.dump import dump, format_report, restart_with_tuned_malloc
 from teachers.encoder_features import EncoderFeatureConfig, EncoderFeatures
 from teachers.features import FeatureConfig, FeatureExtractor
@@ -86,11 +87,11 @@ def load_config(path: str, overrides: list[str] = ()) -> KMeansConfig:
             OmegaConf.update(merged, key, OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"])
         cfg: KMeansConfig = OmegaConf.to_object(merged)
     except FileNotFoundError:
-        raise SystemExit(f"{path}: no such config; see configs/teachers/ for examples") from None
+        raise TeacherError(f"{path}: no such config; see configs/teachers/ for examples") from None
     except OmegaConfBaseException as e:
-        raise SystemExit(f"{path}: {e}".replace("\n", "; ")) from None
+        raise TeacherError(f"{path}: {e}".replace("\n", "; ")) from None
     if not cfg.streams:
-        raise SystemExit(f"{path}: `streams` is empty; give at least one {{name, k, features}}")
+        raise TeacherError(f"{path}: `streams` is empty; give at least one {{name, k, features}}")
     for stream in cfg.streams:
         feature_config(stream, path)
     return cfg
@@ -105,7 +106,7 @@ def feature_config(stream: StreamSpec, source: str = "config") -> FeatureConfig 
             return EncoderFeatureConfig(**features).pinned()  # one checkpoint, fingerprinted
         return FeatureConfig(**features)
     except (TypeError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"{source}: stream {stream.name}: bad features {features} ({e})") from None
+        raise TeacherError(f"{source}: stream {stream.name}: bad features {features} ({e})") from None
 
 
 def extractor(features: FeatureConfig | EncoderFeatureConfig) -> torch.nn.Module:
@@ -163,7 +164,7 @@ def kmeans_plusplus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 def train_kmeans(x: np.ndarray, k: int, iterations: int, seed: int, normalize: bool, what: str) -> dict:
     if len(x) < k:
-        raise SystemExit(f"{what}: only {len(x)} frames sampled for k={k}; use more audio, a larger "
+        raise TeacherError(f"{what}: only {len(x)} frames sampled for k={k}; use more audio, a larger "
                          "segment_fraction, or a smaller k")
     mean = x.mean(axis=0) if normalize else np.zeros(x.shape[1], np.float32)
     std = x.std(axis=0) + 1e-5 if normalize else np.ones(x.shape[1], np.float32)
@@ -185,7 +186,7 @@ def fit(cfg: KMeansConfig) -> dict:
         if done["settings"] == settings and done["shards_content_hash"] == index["content_hash"]:
             print(f"{done_path}: already fitted with these settings; nothing to do", file=sys.stderr)
             return done
-        raise SystemExit(f"{done_path}: holds a fit with other settings or shards; use a new `out` or delete it to refit")
+        raise TeacherError(f"{done_path}: holds a fit with other settings or shards; use a new `out` or delete it to refit")
     started = time.time()
     reservoirs, segments = sample_frames(cfg, index)
     arrays, streams = {}, []
@@ -249,6 +250,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value over the config, e.g. k=500 max_frames=100000")
     args = parser.parse_intermixed_args(argv)
     setup_logging(args.rank)
+    try:
+        run(args)
+    except (TeacherError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+
+
+def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     if args.command == "fit":
         record = fit(cfg)

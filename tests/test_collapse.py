@@ -4,7 +4,6 @@ feature LayerNorm stopped normalising; PyTorch's default conv init left a GroupN
 near-zero features at init; the transformer lacked fairseq's BERT init."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch

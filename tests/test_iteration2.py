@@ -15,7 +15,7 @@ from data.audio import FRAME_SAMPLES
 from data.stream import AudioLoader, StreamConfig
 from pretrain.export import FORMAT
 from pretrain.model import Encoder
-from teachers import dump as dump_stage
+from teachers import TeacherError, dump as dump_stage
 from teachers.encoder_features import EncoderFeatureConfig, EncoderFeatures
 from data.files import fingerprint
 from teachers.kmeans import KMeansConfig, KMeansTeacher, StreamSpec, fit, load_config
@@ -59,9 +59,9 @@ def test_features_are_the_encoders_layer_at_the_label_rate(exported, layer):
 def test_a_missing_encoder_or_layer_is_refused_naming_it(exported, tmp_path):
     (tmp_path / "t.yaml").write_text(f"name: it2\nshards: {tmp_path}\nout: {tmp_path}/m\nstreams:\n"
                                      f"  - {{name: l3, k: 4, features: {{kind: encoder, ckpt: {exported}, layer: 3}}}}\n")
-    with pytest.raises(SystemExit, match="layer=3.*layers 0 \\(embedding\\) to 2"):
+    with pytest.raises(TeacherError, match="layer=3.*layers 0 \\(embedding\\) to 2"):
         load_config(str(tmp_path / "t.yaml"))
-    with pytest.raises(SystemExit, match="nowhere.*python -m pretrain.train"):
+    with pytest.raises(TeacherError, match="nowhere.*python -m pretrain.train"):
         load_config(str(tmp_path / "t.yaml"), ["streams=[{name: l1, k: 4, features: {kind: encoder, "
                                                f"ckpt: {tmp_path}/nowhere, layer: 1}}}}]"])
 

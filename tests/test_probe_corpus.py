@@ -83,9 +83,9 @@ def test_same_seed_same_bytes_and_rerun_does_nothing(corpus, tmp_path):
     assert pc.generate_probe(out, seed=0, scale=SCALE) == summary
     pc.main(["--out", str(out), "--scale", str(SCALE)])
     assert {path: os.stat(path).st_mtime_ns for path in out.rglob("*")} == stamps
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(ValueError, match="other settings"):
         pc.generate_probe(out, seed=1, scale=SCALE)
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(ValueError, match="other settings"):
         pc.generate_probe(out, seed=0, scale=0.2)
 
 

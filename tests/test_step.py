@@ -5,7 +5,6 @@ resume-config check, and the interval bookkeeping."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 import time

@@ -15,7 +15,7 @@ from data.audio import FRAME_SAMPLES, SAMPLE_RATE
 from data.labels import LabelError, label_entropy, sidecar_path, write_sidecar
 from data.shards import ShardConfig, build
 from data.stream import AudioLoader, StreamConfig
-from teachers import dump as dump_stage
+from teachers import TeacherError, dump as dump_stage
 from teachers.encodec import EncodecTeacher
 from teachers.encodec import main as encodec_main
 from teachers.kmeans import KMeansConfig, KMeansTeacher, StreamSpec, fit
@@ -110,7 +110,7 @@ def test_kmeans_fit_samples_a_bounded_number_of_frames_and_dump_resumes(shards, 
     assert [s["frames_sampled"] for s in record["streams"]] == [300, 300]
     assert [s["frames_seen"] for s in record["streams"]] == [round(index["hours"] * 3600 * 75)] * 2
     assert fit(cfg) == record  # a second fit with the same settings is a no-op
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(TeacherError, match="other settings"):
         fit(kmeans_config(shards, tmp_path, iterations=3))
 
     real_label_shard, calls = dump_stage.label_shard, []
@@ -172,7 +172,7 @@ def test_a_labels_folder_refuses_another_teacher(shards, tmp_path):
     class Other(LevelTeacher):
         config_hash = "level-v2"
 
-    with pytest.raises(SystemExit, match="config_hash"):
+    with pytest.raises(TeacherError, match="config_hash"):
         dump_stage.dump(Other, shards, folder)
 
 
@@ -256,14 +256,14 @@ def test_the_dump_gives_batches_only_to_teachers_that_take_them(shards, tmp_path
 
 
 def test_encodec_without_weights_says_how_to_get_them(tmp_path, monkeypatch):
-    with pytest.raises(SystemExit, match="missing.th: no such EnCodec weights file; download https://"):
+    with pytest.raises(TeacherError, match="missing.th: no such EnCodec weights file; download https://"):
         EncodecTeacher(weights=str(tmp_path / "missing.th"))
 
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)  # as on a machine without internet
-    with pytest.raises(SystemExit, match="network is unreachable.*pass --weights PATH"):
+    with pytest.raises(TeacherError, match="network is unreachable.*pass --weights PATH"):
         EncodecTeacher()
 
 

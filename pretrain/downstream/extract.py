@@ -43,6 +43,7 @@ from data.files import atomic_write_bytes, atomic_write_json, read_json
 from data.logs import setup_logging
 from data.shards import audio_part, list_sources
 from data.tar import read_samples
+from pretrain.downstream.probe_metrics import ProbeError
 
 FORMAT = "musicpt-features/1"
 
@@ -169,7 +170,7 @@ class Output:
             saved = read_json(info_path, "the features description")
             changed = [k for k in info if saved.get(k) != info[k]]
             if changed:
-                raise SystemExit(f"{out}: holds features made with other settings ({', '.join(changed)}); "
+                raise ProbeError(f"{out}: holds features made with other settings ({', '.join(changed)}); "
                                  "use another --out, or the same settings to finish it")
         else:
             atomic_write_json(info_path, info)
@@ -335,7 +336,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {error}")
     window = args.window_seconds or crop or 5.0
     cfg = ExtractConfig(window, args.hop_seconds or window, args.pooling, args.unit, args.frames, args.patchout, args.batch_size)
-    report = extract(args.input, args.out, layers_of, cfg, model_info, args.limit)
+    try:
+        report = extract(args.input, args.out, layers_of, cfg, model_info, args.limit)
+    except ProbeError as error:
+        sys.exit(f"error: {error}")
     skipped = ", ".join(f"{n} {reason}" for reason, n in report["skipped"].items()) or "none"
     print(f"extracted {report['clips']} clips ({report['examples']} examples, {report['audio_seconds']:.0f} s of audio) "
           f"in {report['seconds']:.1f} s, {report['clips'] / max(report['seconds'], 1e-9):.1f} clips/s; "
