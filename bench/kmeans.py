@@ -8,7 +8,7 @@ Needs the `bench` extra (`pip install -e '.[bench]'`, pins scikit-learn).
 
 It generates the demo corpus (synth.demo) in a temporary folder, decodes every
 track to mono 24 kHz as the sharder does (data.audio.stream_mono: soundfile + soxr) and
-computes teacher features (teachers.features), then subsamples `--frames`
+computes teacher features (data.features), then subsamples `--frames`
 frames with a seeded RNG. Cases:
   logmel   229-d log-mel, k=300   (MERT v0's log-mel stream)
   mfcc     39-d MFCC + deltas, k=500 (MusicHuBERT)
@@ -72,7 +72,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 from synth import demo  # noqa: E402
 from data.audio import FRAME_RATE, SAMPLE_RATE, stream_mono  # noqa: E402
-from teachers.features import FeatureConfig, FeatureExtractor  # noqa: E402
+from data.features import FeatureConfig, FeatureExtractor  # noqa: E402
 from teachers.kmeans import train_kmeans  # noqa: E402
 
 if ARGS is not None and ARGS.minutes is None:  # after the imports: data.audio loads numpy

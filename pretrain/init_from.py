@@ -8,7 +8,7 @@ A warm start, as MERT and MusicHuBERT runs often begin from HuBERT. Only the enc
 heads, the optimizer and the schedule start fresh. A resumed run ignores it (its checkpoint holds the weights).
 Every weight of the encoder must be found with the shape the run's model.* settings give it: a missing or
 misshapen tensor is an error that names it (the usual cause: other model.* settings than the source's).
-A Hugging Face folder is read with the names `pretrain/downstream/export_hf.py` writes (the inverse of its RENAMES; q_proj,
+A Hugging Face folder is read with the names the export writes (the inverse of pretrain/hubert_names.py's RENAMES; q_proj,
 k_proj and v_proj fused into our qkv), with or without a `hubert.` prefix (HubertForCTC and friends); our
 remote-code export (model_type "musicpt") keeps our names under `encoder.` and our config under "encoder".
 """
@@ -20,7 +20,7 @@ import os
 import torch
 
 from pretrain.export import load_any
-from pretrain.downstream.export_hf import hubert_names
+from pretrain.hubert_names import hubert_names
 from pretrain.model import Encoder, EncoderConfig
 
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -46,7 +46,7 @@ def from_hf(folder: str, encoder: Encoder) -> dict[str, torch.Tensor]:
     for name in encoder.state_dict():
         names = hubert_names(name)
         if names is None:
-            raise ValueError(f"{name}: no HuBERT counterpart (update RENAMES in pretrain/downstream/export_hf.py)")
+            raise ValueError(f"{name}: no HuBERT counterpart (update RENAMES in pretrain/hubert_names.py)")
         if any(n not in hf for n in names):
             missing += [n for n in names if n not in hf]
             continue

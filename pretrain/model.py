@@ -374,6 +374,13 @@ class Encoder(nn.Module):
         out = self.contextualise(x, padding, all_layers, skip)
         return {**out, "features": features, "projected": projected, "padding": padding}
 
+    def hidden_states(self, audio: torch.Tensor, lengths: torch.Tensor, keep_every: int = 1,
+                      ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """What a frozen encoder offers downstream: [the first block's input ("embedding"), block 1's output, ...,
+        the last block's output (after the final norm in Pre-LN)], each [B, T, D], and each clip's real frames [B]."""
+        out = self.forward(audio, lengths, all_layers=True, keep_every=keep_every)
+        return [out["embedding"]] + out["layers"][:-1] + [out["x"]], (~out["padding"]).sum(1)
+
     def front_end(self, audio: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
         """[B, N] audio -> the front end's frames [B, feature_dim, T] (the conv features, or the stem's maps);
         `frames` [B]: each clip's real frames (None: all)."""

@@ -15,7 +15,7 @@ in fp32, in eval mode (no dropout, no layerdrop, no mask) on the whole segment.
 
 Frames: encoder frame t sees samples [320 t, 320 t + 400), so it is label frame t; the conv stack gives one or two
 frames fewer than N // 320, and the last encoder frame is repeated to fill them, so a segment of N samples gets
-N // 320 frames like every other feature kind (teachers/features.py).
+N // 320 frames like every other feature kind (data/features.py).
 """
 from __future__ import annotations
 
@@ -28,12 +28,11 @@ from torch import Tensor
 
 from data.audio import FRAME_SAMPLES
 from data.files import fingerprint
+from pretrain.export import checkpoint_folder, load_any  # the model, not the trainer: teachers stay free of training code
 
 
 @functools.lru_cache(maxsize=4)
 def _encoder(path: str):
-    from pretrain.export import load_any  # the model, not the trainer: teachers stay free of training code
-
     try:
         encoder, _ = load_any(path)
     except (FileNotFoundError, ValueError) as error:
@@ -45,8 +44,6 @@ def _encoder(path: str):
 
 def resolved(path: str) -> str:
     """A run directory's newest complete checkpoint folder; a checkpoint folder or an export file as it is."""
-    from pretrain.export import checkpoint_folder
-
     return path if os.path.isfile(path) else checkpoint_folder(path)
 
 
@@ -96,10 +93,8 @@ class EncoderFeatures(torch.nn.Module):
         device = audio.device
         if int(self.encoder.frames(audio.shape[-1])) < 1:
             return audio.new_zeros(audio.shape[0], frames, self.cfg.dim)
-        from pretrain.downstream.extract import EncoderLayers  # its layers, as pretrain.downstream.extract names them
-
         lengths = torch.full((audio.shape[0],), audio.shape[-1], device=device)
-        x = EncoderLayers(self.encoder, device)(audio.float(), lengths)[0][self.cfg.layer]
+        x = self.encoder.to(device).hidden_states(audio.float(), lengths)[0][self.cfg.layer]
         missing = frames - x.shape[1]
         if missing > 0:
             x = torch.cat([x, x[:, -1:].expand(-1, missing, -1)], dim=1)

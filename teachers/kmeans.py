@@ -3,7 +3,7 @@
     python -m teachers.kmeans fit  --config configs/teachers/logmel_chroma.yaml [key=value ...]
     python -m teachers.kmeans dump --config configs/teachers/logmel_chroma.yaml [--workers N --rank R --world W]
 
-A config lists one or more streams; each is a feature (teachers.features, or
+A config lists one or more streams; each is a feature (data.features, or
 a trained encoder's layer: teachers.encoder_features) and a k, and becomes one
 codebook of the labels: MERT v0's log-mel k=300 and chroma k=200 are two
 streams, MusicHuBERT's 39-d MFCC k=500 is one, HuBERT's second iteration
@@ -47,7 +47,7 @@ from data.tar import read_samples
 from teachers import TeacherError
 from teachers.dump import dump, format_report, restart_with_tuned_malloc
 from teachers.encoder_features import EncoderFeatureConfig, EncoderFeatures
-from teachers.features import FeatureConfig, FeatureExtractor
+from data.features import FeatureConfig, FeatureExtractor
 from teachers.reservoir import Reservoir
 
 
@@ -98,7 +98,7 @@ def load_config(path: str, overrides: list[str] = ()) -> KMeansConfig:
 
 
 def feature_config(stream: StreamSpec, source: str = "config") -> FeatureConfig | EncoderFeatureConfig:
-    """The stream's features: a spectral kind (teachers/features.py) or kind encoder, a trained encoder's layer
+    """The stream's features: a spectral kind (data/features.py) or kind encoder, a trained encoder's layer
     (teachers/encoder_features.py: HuBERT's second iteration)."""
     features = dict(stream.features)
     try:

@@ -94,7 +94,7 @@ def test_shards_baselines_and_patchout(train_data, tmp_path):
 
 
 def test_logmel_baseline_is_the_mean_and_std_of_log_mel_frames(clips, tmp_path):
-    from teachers.features import FeatureConfig, FeatureExtractor
+    from data.features import FeatureConfig, FeatureExtractor
 
     out = str(tmp_path / "logmel")
     extract_main(["--baseline", "logmel", "--input", str(clips), "--out", out, "--pooling", "mean_std"])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from teachers.features import KINDS, FeatureConfig, FeatureExtractor, num_frames, pad_for_frames
+from data.features import KINDS, FeatureConfig, FeatureExtractor, num_frames, pad_for_frames
 
 SR, HOP, N_FFT = 24000, 320, 2048
 

@@ -19,7 +19,7 @@ from pretrain.downstream.extract import main as extract_main
 from pretrain.export import export, load_encoder
 from pretrain.init_from import initial_weights
 from pretrain.model import Encoder, EncoderConfig
-from teachers.features import FeatureConfig, FeatureExtractor
+from data.features import FeatureConfig, FeatureExtractor
 from test_train import command, final_weights, run
 
 SMALL = dict(dim=48, layers=2, heads=4, ffn_dim=96, pos_conv_kernel=16, pos_conv_groups=4, dropout=0.0,
@@ -45,7 +45,7 @@ def test_one_frame_per_label_frame_and_padding_from_lengths(frontend, stem, feat
 
 
 def test_logmel_is_the_teachers_log_mel_on_the_same_frames_then_standardised_per_clip():
-    """Frame t's window is centred on sample 320 t + 160 as the k-means teachers' features are (teachers/features.py):
+    """Frame t's window is centred on sample 320 t + 160 as the k-means teachers' features are (data/features.py):
     away from the clip's edges (where we pad with zeros and they reflect) the log-mel bands are theirs."""
     model = encoder("logmel")
     audio = torch.from_numpy(tone(2.0, SAMPLE_RATE, 330.0) + tone(2.0, SAMPLE_RATE, 1234.0, amp=0.1))[None]

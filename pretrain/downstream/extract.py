@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from data.audio import FRAME_SAMPLES, SAMPLE_RATE, AudioError, check_samples, decode_mono
+from data.features import FeatureConfig, FeatureExtractor
 from data.files import atomic_write_bytes, atomic_write_json, read_json
 from data.logs import setup_logging
 from data.shards import audio_part, list_sources
@@ -80,17 +81,13 @@ class EncoderLayers:
 
     @torch.no_grad()
     def __call__(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        out = self.encoder(audio.to(self.device), lengths.to(self.device), all_layers=True, keep_every=self.patchout)
-        layers = [out["embedding"]] + out["layers"][:-1] + [out["x"]]
-        return layers, (~out["padding"]).sum(1)
+        return self.encoder.hidden_states(audio.to(self.device), lengths.to(self.device), self.patchout)
 
 
 class FeatureStats:
     """The baselines: MFCC (39-d with deltas), chroma (12-d) or log-mel (229-d) frames as a single "layer"."""
 
     def __init__(self, kind: str, device: torch.device):
-        from teachers.features import FeatureConfig, FeatureExtractor
-
         self.extractor, self.device = FeatureExtractor(FeatureConfig(kind=kind)).to(device), device
         self.names, self.dim = [kind], FeatureConfig(kind=kind).dim
 

@@ -5,7 +5,7 @@ quantizer, computed in the step from the clean audio. No offline teacher stage a
     loss, logs = objective(audio, lengths, {})       # logs: loss/bestrq_N, acc/bestrq_N per codebook
 
 Targets, per 320-sample label frame (75 Hz, the encoder's frame rate):
-1. log-mel (teachers/features.py: Slaney mel, natural log, window `bestrq_n_fft` centred on the frame) at hop
+1. log-mel (data/features.py: Slaney mel, natural log, window `bestrq_n_fft` centred on the frame) at hop
    320 / `bestrq_stack`, so `bestrq_stack` sub-frames fall inside each label frame;
 2. normalised over the crop's real frames (`bestrq_norm`): "bin", per mel bin over time (instance norm: mean 0,
    std 1 per bin), or "clip", one mean and std over all the crop's bins and frames (MusicFM's scalar
@@ -34,7 +34,7 @@ from torch import nn
 from data.audio import FRAME_SAMPLES
 from pretrain.model import Encoder
 from pretrain.objectives.mert import Objective, ObjectiveConfig
-from teachers.features import FeatureConfig, FeatureExtractor
+from data.features import FeatureConfig, FeatureExtractor
 
 STREAM = "bestrq"  # the logs' name: loss/bestrq_N, acc/bestrq_N
 NORM_DIMS = {"bin": (1,), "clip": (1, 2)}  # bestrq_norm -> the dims of [B, T, n_mels] that `normalise` reduces over

@@ -1,4 +1,5 @@
-"""Frame-level audio features for the k-means teachers, batched in torch.
+"""Frame-level audio features (log-mel, chroma, MFCC) in torch, batched: the k-means teachers' inputs, BEST-RQ's
+targets and the hand-made baselines of extraction.
 
 Alignment. Audio is mono 24 kHz float32 ``[batch, samples]`` and labels run at
 75 Hz, i.e. one frame per ``hop = 320`` samples. Frame ``i`` describes samples
