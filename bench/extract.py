@@ -37,14 +37,12 @@ def main() -> None:
     parser.add_argument("--task", default="configs/probe/demo_key.yaml")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    if args.random_init:
-        args.ckpt = None
     settings, times, folders = [1] + args.patchout, {}, {}
     with tempfile.TemporaryDirectory() as work:
         for round_ in range(args.rounds):
             for every in settings:
-                args.baseline, args.patchout, args.seed = None, every, 0
-                layers_of, info, _ = layers_source(args, torch.device(args.device))
+                source = {"random_init": args.random_init} if args.random_init else {"ckpt": args.ckpt}
+                layers_of, info, _ = layers_source(torch.device(args.device), **source, seed=0, patchout=every)
                 cfg = ExtractConfig(args.window_seconds, args.window_seconds, unit="window", patchout=every)
                 folders[every] = os.path.join(work, f"round{round_}-T{every}")
                 report = extract(args.input, folders[every], layers_of, cfg, info)

@@ -44,7 +44,10 @@ from data.files import atomic_write_bytes, atomic_write_json, read_json
 from data.logs import setup_logging
 from data.shards import audio_part, list_sources
 from data.tar import read_samples
+from pretrain.config import load_config
 from pretrain.downstream.probe_metrics import ProbeError
+from pretrain.export import load_any
+from pretrain.model import Encoder
 
 FORMAT = "musicpt-features/1"
 
@@ -281,29 +284,26 @@ def extract(input_path: str, out: str, layers_of, cfg: ExtractConfig, model_info
     return report
 
 
-def layers_source(args, device: torch.device):
-    """(layers function, model description, default window seconds) for --ckpt, --random-init or --baseline."""
-    if args.baseline:
-        return FeatureStats(args.baseline, device), {"baseline": args.baseline}, None
-    from pretrain.model import Encoder
-
-    if args.random_init:
-        from pretrain.config import load_config
-
+def layers_source(device: torch.device, ckpt: str | None = None, random_init: str | None = None,
+                  baseline: str | None = None, seed: int | None = None, patchout: int = 1):
+    """(layers function, model description, default window seconds) for one of: `ckpt` (a run directory,
+    checkpoint folder or export), `random_init` (a config: the trainer's step-0 encoder at `seed`, default the
+    config's train.seed) or `baseline` (a hand-made feature kind)."""
+    if baseline:
+        return FeatureStats(baseline, device), {"baseline": baseline}, None
+    if random_init:
         # Only the encoder is built: placeholder data and a mert objective pass the config checks for any preset
         # or run (a bestrq config has no labels); the encoder and its seed do not depend on the objective.
-        cfg = load_config(args.random_init, ["data.shards=unused", "data.labels=[unused]", "objective.kind=mert"])
-        seed = cfg.train.seed if args.seed is None else args.seed
+        cfg = load_config(random_init, ["data.shards=unused", "data.labels=[unused]", "objective.kind=mert"])
+        seed = cfg.train.seed if seed is None else seed
         torch.manual_seed(seed)  # as pretrain.train seeds its model: these are the trainer's step-0 weights
-        encoder, meta = Encoder(cfg.model), {"random_init": args.random_init, "seed": seed}
+        encoder, meta = Encoder(cfg.model), {"random_init": random_init, "seed": seed}
         crop = cfg.data.crop_seconds
     else:
-        from pretrain.export import load_any
-
-        encoder, meta = load_any(args.ckpt)
+        encoder, meta = load_any(ckpt)
         crop = meta.pop("crop_seconds")
         meta["checkpoint"] = os.path.abspath(meta["checkpoint"])
-    return EncoderLayers(encoder, device, args.patchout), meta, crop
+    return EncoderLayers(encoder, device, patchout), meta, crop
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        layers_of, model_info, crop = layers_source(args, torch.device(args.device))
+        layers_of, model_info, crop = layers_source(torch.device(args.device), args.ckpt, args.random_init, args.baseline,
+                                                    args.seed, args.patchout)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     window = args.window_seconds or crop or 5.0
