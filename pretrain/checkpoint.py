@@ -11,8 +11,7 @@
 The checkpointer is given named stateful parts, torchtitan-style
 (`{"trainer": ..., "rng": ..., "loader": ...}`, each with `state_dict()` and
 `load_state_dict()`); every rank saves their states together in its rank
-file and gets them back on resume. A rank file from before named parts (one
-flat dict) is split into the same parts when read (`parts_of`).
+file and gets them back on resume.
 
 A save goes to `.tmp-step-N/`: every rank writes its part, the files are
 hashed (split over the ranks) and fsynced, rank 0 writes `complete.json`
@@ -58,9 +57,7 @@ MANIFEST = "complete.json"
 HASH_CHUNK = 16 << 20  # bytes read per crc32 update
 SAVE_POINTS = ("written", "sealed", "renamed", "pruning")  # where faults.pause_at may stop a save (rank 0)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "samples", "status.json", "config.yaml")
-RANK_FILE_VERSION = 2  # {"version": 2, "parts": {name: state}}; version 1 was the trainer's flat dict
-VERSION_1_PARTS = {"trainer": ("step", "samples", "audio_seconds", "nonfinite"),
-                   "rng": ("generator", "torch_rng", "cuda_rng"), "loader": None}  # None: the entry of that name
+RANK_FILE_VERSION = 2  # {"version": 2, "parts": {name: state}}
 log = logger(__name__)
 
 
@@ -76,15 +73,6 @@ class Stateful(Protocol):
 
 def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
-
-
-def parts_of(saved: dict) -> dict[str, dict]:
-    """The named parts' states in a rank file; a version-1 file (the trainer's flat dict, before named parts)
-    is split into the parts that now hold those entries."""
-    if "parts" in saved:
-        return saved["parts"]
-    return {name: saved[name] if keys is None else {key: saved[key] for key in keys}
-            for name, keys in VERSION_1_PARTS.items()}
 
 
 def tag(step: int) -> str:
@@ -128,20 +116,15 @@ def file_records(folder: str, names: list[str], sync: bool) -> dict[str, dict]:
                    "crc32": crc32_of(os.path.join(folder, name), sync)} for name in names}
 
 
-def recorded(entry) -> dict:
-    """A manifest's file entry; manifests before checksums held only the size."""
-    return entry if isinstance(entry, dict) else {"bytes": entry}
-
-
 def file_problem(folder: str, name: str, entry, content: bool) -> str | None:
     """Why file `name` of `folder` differs from its manifest entry (missing, size, checksum), or None."""
-    path, entry = os.path.join(folder, name), recorded(entry)
+    path = os.path.join(folder, name)
     if not os.path.exists(path):
         return f"{name} is missing"
     size = os.path.getsize(path)
     if size != entry["bytes"]:
         return f"{name} has {size} bytes, {entry['bytes']} when saved (truncated or overwritten)"
-    if content and "crc32" in entry and crc32_of(path) != entry["crc32"]:
+    if content and crc32_of(path) != entry["crc32"]:
         return f"{name} has crc32 {crc32_of(path)}, {entry['crc32']} when saved (same size, other bytes: corrupted)"
     return None
 
@@ -159,6 +142,8 @@ def find_problem(folder: str, content: bool = True, share: tuple[int, int] = (0,
         files = sorted(manifest["files"].items())
     except (OSError, ValueError, KeyError, AttributeError) as error:
         return f"{MANIFEST} unreadable ({error})"
+    if manifest.get("hash") != "crc32":
+        return f"{MANIFEST} has no checksums: written by an earlier release of this trainer, which this one does not read"
     rank, world = share
     problems = [p for name, entry in files[rank::world] if (p := file_problem(folder, name, entry, content))]
     return "; ".join(problems) or None
@@ -199,18 +184,6 @@ def fp32_master_weights(folder: str) -> dict[str, torch.Tensor]:
 
     root, name = os.path.split(os.path.abspath(folder))
     return get_fp32_state_dict_from_zero_checkpoint(root, name)
-
-
-def write_module_weights(folder: str, module: dict[str, torch.Tensor]) -> None:
-    """A checkpoint's module file as DeepSpeed lays it out (for tests and tools that make checkpoints)."""
-    torch.save({"module": module}, os.path.join(folder, MODEL_STATES))
-
-
-def seal(folder: str, step: int, world: int) -> None:
-    """Writes `folder`'s complete.json with every file's size and crc32 (one process; tests and tools)."""
-    names = sorted(n for n in os.listdir(folder) if n != MANIFEST)
-    atomic_write_json(os.path.join(folder, MANIFEST),
-                      {"step": step, "world": world, "hash": "crc32", "files": file_records(folder, names, False)})
 
 
 # -- moving aside, never deleting
@@ -422,7 +395,11 @@ class Checkpointer:
                                          load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError("DeepSpeed found no checkpoint files")
-        states = parts_of(torch.load(os.path.join(self.root, name, rank_file(self.rank)), weights_only=True))
+        saved = torch.load(os.path.join(self.root, name, rank_file(self.rank)), weights_only=True)
+        if saved.get("version") != RANK_FILE_VERSION:
+            raise ValueError(f"{rank_file(self.rank)} is version {saved.get('version', 1)}, not {RANK_FILE_VERSION}: "
+                             "written by an earlier release of this trainer, which this one does not read")
+        states = saved["parts"]
         if set(states) != set(self.parts):
             raise ValueError(f"{rank_file(self.rank)} holds the parts {sorted(states)}; this run has {sorted(self.parts)}")
         return states

@@ -12,14 +12,16 @@ exercise the non-finite-loss path without hunting for a diverging configuration.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 
 import torch
 
 
-def _faults() -> set[str]:
-    return {item.strip() for item in os.environ.get("MUSICPT_FAULTS", "").split(";") if item.strip()}
+@functools.cache  # read once per process: the step asks on every micro-batch
+def _faults() -> frozenset[str]:
+    return frozenset(item.strip() for item in os.environ.get("MUSICPT_FAULTS", "").split(";") if item.strip())
 
 
 _fired: set[str] = set()  # one-shot faults already injected in this process

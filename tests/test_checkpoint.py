@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pretrain import checkpoint
-from pretrain.checkpoint import MODEL_STATES, CheckpointError, Checkpointer, crc32_of, find_problem, seal, tag
+from checkpoint_files import seal
+from pretrain.checkpoint import MODEL_STATES, CheckpointError, Checkpointer, crc32_of, find_problem, tag
 
 
 class FakeEngine:
@@ -238,14 +239,14 @@ def test_a_torch_writer_failure_in_the_rank_state_is_reported_the_same_way(tmp_p
     assert snapshot(tmp_path / "checkpoints") == before
 
 
-def test_a_manifest_from_before_checksums_still_loads_by_sizes(tmp_path):
+def test_a_manifest_from_before_checksums_is_named_as_such(tmp_path):
     save_steps(tmp_path, [2])
     folder = str(tmp_path / "checkpoints" / tag(2))
     manifest = checkpoint.read_manifest(folder)
     old = {"step": 2, "world": 1, "files": {name: entry["bytes"] for name, entry in manifest["files"].items()}}
     checkpoint.atomic_write_json(os.path.join(folder, "complete.json"), old)
-    assert find_problem(folder) is None
-    assert fresh(tmp_path).resume(FakeEngine(), FakeEngine, accept)[1] == 2
+    assert find_problem(folder) == ("complete.json has no checksums: written by an earlier release of this trainer, "
+                                    "which this one does not read")
 
 
 def test_every_named_part_is_saved_in_the_rank_file_and_given_back_on_resume(tmp_path):
@@ -263,21 +264,16 @@ def test_every_named_part_is_saved_in_the_rank_file_and_given_back_on_resume(tmp
     assert torch.equal(again["rng"].state["generator"], torch.arange(4))
 
 
-def test_a_rank_file_from_before_named_parts_resumes_into_the_parts(tmp_path):
-    """Version 1 (checkpoints written before named parts): the trainer's one flat dict per rank."""
+def test_a_rank_file_from_before_named_parts_is_refused_naming_its_version(tmp_path):
+    """Version 1 (the trainer's one flat dict per rank, from an earlier release) is not read: the run says so."""
     save_steps(tmp_path, [4])
     folder = str(tmp_path / "checkpoints" / tag(4))
-    flat = {"step": 4, "samples": 32, "audio_seconds": 32.0, "nonfinite": 1, "generator": torch.arange(3),
-            "torch_rng": torch.get_rng_state(), "cuda_rng": torch.empty(0), "loader": {"version": 1, "world": 1}}
-    torch.save(flat, os.path.join(folder, "rank-00000.pt"))
+    torch.save({"step": 4, "generator": torch.arange(3)}, os.path.join(folder, "rank-00000.pt"))
     seal(folder, 4, world=1)
-    parts = {"trainer": Part(), "rng": Part(), "loader": Part()}
-    _, step = Checkpointer(str(tmp_path), rank=0, world=1, keep=3, parts=parts).resume(FakeEngine(), FakeEngine, accept)
-    assert step == 4
-    assert parts["trainer"].state == {"step": 4, "samples": 32, "audio_seconds": 32.0, "nonfinite": 1}
-    assert sorted(parts["rng"].state) == ["cuda_rng", "generator", "torch_rng"]
-    assert torch.equal(parts["rng"].state["generator"], torch.arange(3))
-    assert parts["loader"].state == {"version": 1, "world": 1}
+    parts = {"trainer": Part()}
+    with pytest.raises(CheckpointError, match=r"rank-00000\.pt is version 1, not 2: written by an earlier release"):
+        Checkpointer(str(tmp_path), rank=0, world=1, keep=3, parts=parts).resume(FakeEngine(), FakeEngine, accept)
+    assert parts["trainer"].state == {}
 
 
 def test_a_checkpoint_without_one_of_the_parts_is_not_loaded(tmp_path):

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from pretrain.checkpoint import parts_of, rank_file
+from pretrain.checkpoint import rank_file
 from pretrain.config import ConfigError, load_config
 from pretrain.objectives.bestrq import normalise
 from pretrain.objectives.data2vec import (Data2VecObjective, clip_contrast, clip_means, ema_decay, normalise_both,
@@ -219,7 +219,7 @@ def data2vec_command(shards: str, run_dir, *extra) -> list[str]:
 
 def teacher_weights(run_dir, step: int) -> dict[str, torch.Tensor]:
     path = os.path.join(run_dir, "checkpoints", f"step-{step:08d}", rank_file(0))
-    return parts_of(torch.load(path, weights_only=True))["teacher"]
+    return torch.load(path, weights_only=True)["parts"]["teacher"]
 
 
 @pytest.mark.slow
@@ -270,8 +270,8 @@ def test_sigkill_of_a_two_process_data2vec_run_then_resume_matches_the_uninterru
     wa, wb = final_weights(straight, steps), final_weights(interrupted, steps)
     assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa), kill_at
     for rank in (0, 1):
-        ta, tb = (parts_of(torch.load(os.path.join(d, "checkpoints", f"step-{steps:08d}", rank_file(rank)),
-                                      weights_only=True))["teacher"] for d in (straight, interrupted))
+        ta, tb = (torch.load(os.path.join(d, "checkpoints", f"step-{steps:08d}", rank_file(rank)),
+                             weights_only=True)["parts"]["teacher"] for d in (straight, interrupted))
         assert all(torch.allclose(ta[k], tb[k], rtol=0, atol=1e-6) for k in ta), kill_at
         assert samples(straight, rank) == samples(interrupted, rank)
 

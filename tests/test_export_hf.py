@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from data.stream import StreamConfig  # noqa: E402
-from pretrain.checkpoint import seal, write_module_weights  # noqa: E402
+from checkpoint_files import seal, write_module_weights  # noqa: E402
 from pretrain.config import RunConfig, TrainConfig, to_yaml  # noqa: E402
 from pretrain.export import FORMAT as PT_FORMAT  # noqa: E402
 from pretrain.downstream.export_hf import MARKER, export_hf, main  # noqa: E402

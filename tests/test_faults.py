@@ -24,7 +24,8 @@ from test_train import ENV, ROOT, command, final_weights, kill_tree, metrics, ru
 from data.labels import LabelError
 from data.shards import ShardConfig, build
 from data.stream import AudioLoader, StreamConfig
-from pretrain.checkpoint import MODEL_STATES, RUN_FILES, checkpoint_names, seal, step_of
+from checkpoint_files import seal
+from pretrain.checkpoint import MODEL_STATES, RUN_FILES, checkpoint_names, step_of
 
 
 @pytest.fixture

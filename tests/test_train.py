@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from data.labels import label_entropy
-from pretrain.checkpoint import module_weights, seal
+from pretrain.checkpoint import module_weights
 from pretrain.config import load_config
 from pretrain.engine import deepspeed_config, lr_factor
 from pretrain.export import load_encoder
@@ -149,33 +149,6 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(data
     assert len(keys) == steps * 2
 
 
-def write_version_1_rank_files(folder, world: int) -> None:
-    """Rewrites a checkpoint's rank files as the trainer wrote them before named parts (one flat dict per
-    rank: counters, RNG states and "loader"), then re-seals it."""
-    for rank in range(world):
-        path = os.path.join(folder, f"rank-{rank:05d}.pt")
-        parts = torch.load(path, weights_only=True)["parts"]
-        torch.save({**parts["trainer"], **parts["rng"], "loader": parts["loader"]}, path)
-    seal(str(folder), int(os.path.basename(folder).removeprefix("step-")), world)
-
-
-@pytest.mark.slow
-def test_a_checkpoint_from_before_named_parts_resumes_exactly(data, tmp_path):
-    extra = ("train.save_every=2", "train.log_samples=true")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(command(data, straight, "train.steps=4", *extra))
-    run(command(data, resumed, "train.steps=2", *extra))
-    write_version_1_rank_files(resumed / "checkpoints" / "step-00000002", world=1)
-    done = run(command(data, resumed, "train.steps=4", *extra))
-    assert re.search(r"resumed from \S+step-00000002 \(step 2,", done.stderr), done.stderr[-2000:]
-    assert [r["step"] for r in metrics(resumed)] == [1, 2, 3, 4]
-    assert all(abs(x["loss"] - y["loss"]) <= 1e-6 for x, y in zip(metrics(straight), metrics(resumed)))
-    wa, wb = final_weights(straight, 4), final_weights(resumed, 4)
-    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
-    assert samples(straight, 0) == samples(resumed, 0)
-
-
-@pytest.mark.slow
 def test_preemption_signal_saves_then_a_corrupt_newest_checkpoint_falls_back(data, tmp_path):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(command(data, run_dir, "train.steps=200", "train.save_every=100"), cwd=ROOT, env=ENV,

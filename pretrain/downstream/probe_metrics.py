@@ -40,14 +40,6 @@ def key_score_matrix() -> np.ndarray:
     return np.array([[mir_eval.key.weighted_score(ref, est) for est in KEY_NAMES] for ref in KEY_NAMES])
 
 
-def key_weighted_score(references: list[str], estimates: list[str]) -> float:
-    """Mean MIREX weighted score of estimated against reference keys (strings key_index reads)."""
-    import mir_eval.key
-
-    names = [[KEY_NAMES[checked_key(key)] for key in keys] for keys in (references, estimates)]
-    return float(np.mean([mir_eval.key.weighted_score(ref, est) for ref, est in zip(*names)]))
-
-
 def checked_key(text, where: str = "key") -> int:
     """key_index of `text`, or a ProbeError naming `where`."""
     index = key_index(text)
