@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 import labels as label_bench  # noqa: E402  bench/labels.py
 import learning  # noqa: E402  bench/learning.py
-from train import batches, deepspeed_loop, timed  # noqa: E402  bench/train.py
+from train import batches, forward_inputs, timed, trainer_step  # noqa: E402  bench/train.py
 from data.audio import SAMPLE_RATE  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.engine import device_for_rank, graph_breaks, init_distributed  # noqa: E402
@@ -178,10 +178,10 @@ def train_row(preset: str, precision: str, compiled: bool, ctx: dict) -> dict:
     reset_compiler()
     torch.manual_seed(0)
     model = Objective(cfg.objective, Encoder(cfg.model), ENCODEC).to(device).train()
-    step = deepspeed_loop(model, cfg, plan["compile_backend"])
+    step = trainer_step(model, cfg, device, plan["compile_backend"])
     accum = cfg.train.grad_accum  # the preset's: optimizer steps every `accum` micro-batches, as in its real run
     measured = -(-plan["train_steps"] // accum) * accum
-    data = batches(cfg, device, min(4, measured), ENCODEC)
+    data = batches(cfg, min(4, measured), ENCODEC)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     row = {"preset": preset_name(preset), "precision": precision, "compile": compiled, "batch": cfg.data.batch_size,
@@ -198,7 +198,7 @@ def train_row(preset: str, precision: str, compiled: bool, ctx: dict) -> dict:
                 "mfu_datasheet": flops / ctx["datasheet_peak"] if ctx["datasheet_peak"] else None,
                 "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None})
     if compiled:
-        row["graph_breaks"]["where"] = break_locations(model, data[0])
+        row["graph_breaks"]["where"] = break_locations(model, forward_inputs(data[0], device))
     return row
 
 

@@ -14,11 +14,14 @@ from data.files import atomic_write_bytes
 
 
 class Metrics:
-    def __init__(self, run_dir: str, rank: int, resumed_step: int):
+    """Logs summed on the device per micro-batch (`add`), reduced over ranks at a log step (`reduce`) and written by
+    rank 0 to RUN/metrics.jsonl and TensorBoard (`write`); with run_dir None (benchmarks) nothing is written."""
+
+    def __init__(self, run_dir: str | None, rank: int, resumed_step: int):
         self.rank, self.sums, self.count = rank, {}, 0
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = None if run_dir is None else os.path.join(run_dir, "metrics.jsonl")
         self.writer = None
-        if rank == 0:
+        if rank == 0 and run_dir is not None:
             # Rows after the checkpoint are about to be redone; without one, so is every row (step 0's eval too).
             redone_from = resumed_step + 1 if resumed_step else 0
             truncate_jsonl(self.path, redone_from - 1)
@@ -46,7 +49,7 @@ class Metrics:
         return dict(zip(names, values.tolist()))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
-        if self.rank != 0:
+        if self.writer is None:
             return
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
