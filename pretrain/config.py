@@ -13,9 +13,9 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from data.audio import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
+from data.settings import merge_settings
 from data.stream import StreamConfig
 from pretrain.model import FRONTENDS, EncoderConfig
 from pretrain.objectives.mert import ObjectiveConfig
@@ -85,21 +85,8 @@ class ConfigError(ValueError):
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
     """Schema defaults, then the YAML file at `path`, then `key=value` overrides; typed and checked."""
     where = path or "the defaults"
-    try:
-        merged = OmegaConf.structured(RunConfig)
-        if path is not None:
-            merged = OmegaConf.merge(merged, read_preset(path))
-        bad = [item for item in overrides if "=" not in item]
-        if bad:
-            raise ConfigError(f"overrides {bad}: write them as key=value, e.g. train.steps=1000")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        missing = sorted(OmegaConf.missing_keys(merged))
-        if missing:
-            raise ConfigError(f"{where}: no value for {', '.join(missing)}; set it in the file or as key=value")
-        cfg = _typed(merged)
-    except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", None)
-        raise ConfigError(f"{where} (overrides {list(overrides)}): key {key!r}: {error}".split("\n")[0]) from None
+    layers = [] if path is None else [read_preset(path)]
+    cfg = _typed(merge_settings(RunConfig, layers, overrides, where, ConfigError, ", e.g. train.steps=1000"))
     check(cfg, where)
     return cfg
 
@@ -248,10 +235,9 @@ def to_yaml(cfg: RunConfig) -> str:
 
 def from_yaml(text: str) -> RunConfig:
     """A saved run config (the checkpoint's config.yaml), checked against the schema like a preset."""
-    return _typed(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text)))
+    return _typed(merge_settings(RunConfig, [OmegaConf.create(text)], (), "a saved run config", ConfigError))
 
 
-def _typed(merged) -> RunConfig:
-    cfg = OmegaConf.to_object(merged)
+def _typed(cfg: RunConfig) -> RunConfig:
     conv_layers = tuple(tuple(layer) for layer in cfg.model.conv_layers)  # OmegaConf leaves inner lists
     return replace(cfg, model=replace(cfg.model, conv_layers=conv_layers))

@@ -35,13 +35,13 @@ import numpy as np
 import soundfile as sf
 import torch
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from data.cluster import local_device
 from data.files import atomic_write_bytes, atomic_write_json, read_json
 from data.index import read_index
 from data.logs import setup_logging
+from data.settings import merge_settings
 from data.shards import audio_part
 from data.tar import read_samples
 from teachers import TeacherError
@@ -80,16 +80,10 @@ class KMeansConfig:
 
 def load_config(path: str, overrides: list[str] = ()) -> KMeansConfig:
     """YAML over the schema's defaults, `key=value` overrides over the YAML; errors name the file and key."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(KMeansConfig), OmegaConf.load(path))
-        for item in overrides:  # one by one, so that a key may index a list: streams.0.features.ckpt=RUN
-            key, _, raw = item.partition("=")
-            OmegaConf.update(merged, key, OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"])
-        cfg: KMeansConfig = OmegaConf.to_object(merged)
-    except FileNotFoundError:
-        raise TeacherError(f"{path}: no such config; see configs/teachers/ for examples") from None
-    except OmegaConfBaseException as e:
-        raise TeacherError(f"{path}: {e}".replace("\n", "; ")) from None
+    if not os.path.isfile(path):
+        raise TeacherError(f"{path}: no such config; see configs/teachers/ for examples")
+    cfg: KMeansConfig = merge_settings(KMeansConfig, [OmegaConf.load(path)], overrides, path, TeacherError,
+                                       " (e.g. k=500, or streams.0.features.ckpt=RUN)")
     if not cfg.streams:
         raise TeacherError(f"{path}: `streams` is empty; give at least one {{name, k, features}}")
     for stream in cfg.streams:

@@ -103,3 +103,21 @@ def test_a_bad_base_is_named(tmp_path, text, words):
     (tmp_path / "loop.yaml").write_text(text)
     with pytest.raises(ConfigError, match=words):
         load_config(str(tmp_path / "loop.yaml"), ["data.shards=x"])
+
+
+def test_every_stage_reads_settings_one_way():
+    """data.settings.merge_settings: defaults, then layers, then key=value one by one (a key may index a list),
+    typed; a bad key or value raises the caller's error type naming the file and the key."""
+    from data.settings import merge_settings
+    from teachers import TeacherError
+    from teachers.kmeans import KMeansConfig
+
+    layer = {"name": "t", "shards": "s", "out": "o", "streams": [{"name": "a", "k": 4, "features": {"kind": "mfcc"}}]}
+    cfg = merge_settings(KMeansConfig, [layer], ["streams.0.k=8", "iterations=3"], "t.yaml", TeacherError)
+    assert cfg.streams[0].k == 8 and cfg.iterations == 3 and cfg.name == "t"
+    with pytest.raises(TeacherError, match=r"t\.yaml \(overrides \['colour=blue'\]\): key 'colour'"):
+        merge_settings(KMeansConfig, [layer], ["colour=blue"], "t.yaml", TeacherError)
+    with pytest.raises(TeacherError, match=r"t\.yaml: key 'iterations'"):
+        merge_settings(KMeansConfig, [{**layer, "iterations": "many"}], [], "t.yaml", TeacherError)
+    with pytest.raises(TeacherError, match=r"write them as key=value, e\.g\. k=1"):
+        merge_settings(KMeansConfig, [layer], ["k"], "t.yaml", TeacherError, ", e.g. k=1")

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from data.files import read_json
+from data.settings import merge_settings
 from pretrain.downstream.probe_metrics import KEY_NAMES, TASK_TYPES, ProbeError, checked_key
 
 FORMAT = "musicpt-features/1"
@@ -66,19 +66,9 @@ def load_task(path: str, overrides: list[str] | tuple = ()) -> TaskConfig:
 
 
 def _task_from(raw, where: str, overrides=()) -> TaskConfig:
-    keys = "name, type, labels, label_field, clip_field, split_field"
-    try:
-        bad = [item for item in overrides if "=" not in item]
-        if bad:
-            raise ProbeError(f"overrides {bad}: write them as key=value, e.g. labels=demo_out/corpus/labels.jsonl")
-        merged = OmegaConf.merge(OmegaConf.structured(TaskConfig), raw, OmegaConf.from_dotlist(list(overrides)))
-        missing = sorted(OmegaConf.missing_keys(merged))
-        if missing:
-            raise ProbeError(f"{where}: no value for {', '.join(missing)}; the task keys are {keys}")
-        task = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", None)
-        raise ProbeError(f"{where}: key {key!r}: {str(error).splitlines()[0]}; the task keys are {keys}") from None
+    task = merge_settings(TaskConfig, [raw], overrides, where, ProbeError,
+                          "; the task keys are name, type, labels, label_field, clip_field, split_field "
+                          "(e.g. labels=demo_out/corpus/labels.jsonl)")
     if task.type not in TASK_TYPES:
         raise ProbeError(f"{where}: type {task.type!r} is unknown; use one of {', '.join(TASK_TYPES)}")
     return task
