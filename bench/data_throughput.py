@@ -130,20 +130,19 @@ def main() -> None:
             rates["naive"].append(naive_rate(peer["paths"], args.crop_seconds, rng))
             for s, (batches, prefetch) in zip(sets, loaders):
                 rates[s["folder"]].append(loader_rate(batches, args.batches, args.workers, args.workers * prefetch))
-    raw, naive = np.array(rates["raw"]), np.array(rates["naive"])
-    print(f"cores: {os.cpu_count()}, loader workers: {args.workers}, crop {args.crop_seconds} s, batch {args.batch_size}, "
+    result = figures(args, sets, rates)
+    print(f"cores: {result['cores']}, loader workers: {args.workers}, crop {args.crop_seconds} s, batch {args.batch_size}, "
           f"{args.rounds} rounds (medians)")
-    print(f"raw soundfile {peer['codec'].upper()} decode{'':<9}: {np.median(raw):8.0f} audio-s/s per core")
-    print(f"naive webdataset pipeline ({peer['codec']:<4}) : {np.median(naive):8.0f} audio-s/s per core (delivered crops)")
-    for s in sets:
-        loader = np.array(rates[s["folder"]])
-        print(f"AudioLoader over {s['codec']:<4} shards   : {np.median(loader):8.0f} audio-s/s per worker (delivered crops); "
-              f"{s['bytes_per_second'] / 1000:.1f} kB per audio-second on disk")
-        print(f"  ratio to raw {peer['codec']} decode     : {np.median(loader / raw):.2f} (target >= 0.90); per round: "
-              + " ".join(f"{r:.2f}" for r in loader / raw))
-        print(f"  ratio to naive             : {np.median(loader / naive):.2f}")
+    print(f"raw soundfile {peer['codec'].upper()} decode{'':<9}: {result['raw']:8.0f} audio-s/s per core")
+    print(f"naive webdataset pipeline ({peer['codec']:<4}) : {result['naive']:8.0f} audio-s/s per core (delivered crops)")
+    for codec, loader in result["loader"].items():
+        print(f"AudioLoader over {codec:<4} shards   : {loader['rate']:8.0f} audio-s/s per worker (delivered crops); "
+              f"{loader['bytes_per_second'] / 1000:.1f} kB per audio-second on disk")
+        print(f"  ratio to raw {peer['codec']} decode     : {loader['ratio_to_raw']:.2f} (target >= 0.90); per round: "
+              + " ".join(f"{r:.2f}" for r in loader["ratio_per_round"]))
+        print(f"  ratio to naive             : {loader['ratio_to_naive']:.2f}")
     if args.json:
-        atomic_write_json(args.json, figures(args, sets, rates))
+        atomic_write_json(args.json, result)
         print(f"figures: {args.json}")
 
 

@@ -124,8 +124,9 @@ def file_problem(folder: str, name: str, entry, content: bool) -> str | None:
     size = os.path.getsize(path)
     if size != entry["bytes"]:
         return f"{name} has {size} bytes, {entry['bytes']} when saved (truncated or overwritten)"
-    if content and crc32_of(path) != entry["crc32"]:
-        return f"{name} has crc32 {crc32_of(path)}, {entry['crc32']} when saved (same size, other bytes: corrupted)"
+    crc = crc32_of(path) if content else entry["crc32"]
+    if crc != entry["crc32"]:
+        return f"{name} has crc32 {crc}, {entry['crc32']} when saved (same size, other bytes: corrupted)"
     return None
 
 
