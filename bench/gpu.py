@@ -51,7 +51,7 @@ from data.audio import SAMPLE_RATE  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.engine import device_for_rank, graph_breaks, init_distributed  # noqa: E402
 from pretrain.model import Encoder, training_flops  # noqa: E402
-from pretrain.objectives.mert import Objective  # noqa: E402
+from pretrain.objectives.mert import MertObjective  # noqa: E402
 from pretrain.train import datasheet_flops  # noqa: E402
 
 ENCODEC = {"encodec": [1024] * 8}  # the presets' teacher: 8 EnCodec codebooks x 1024
@@ -177,7 +177,7 @@ def train_row(preset: str, precision: str, compiled: bool, ctx: dict) -> dict:
                              f"train.compile={str(compiled).lower()}", *plan["train_overrides"], *overrides])
     reset_compiler()
     torch.manual_seed(0)
-    model = Objective(cfg.objective, Encoder(cfg.model), ENCODEC).to(device).train()
+    model = MertObjective(cfg.objective, Encoder(cfg.model), ENCODEC).to(device).train()
     step = trainer_step(model, cfg, device, plan["compile_backend"])
     accum = cfg.train.grad_accum  # the preset's: optimizer steps every `accum` micro-batches, as in its real run
     measured = -(-plan["train_steps"] // accum) * accum

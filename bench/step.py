@@ -23,11 +23,12 @@ import torch.nn.functional as F  # noqa: E402
 import torchaudio  # noqa: E402
 
 from pretrain.model import Encoder, EncoderConfig  # noqa: E402
-from pretrain.objectives.mert import Objective, ObjectiveConfig  # noqa: E402
+from pretrain.objectives import ObjectiveConfig  # noqa: E402
+from pretrain.objectives.mert import MertObjective  # noqa: E402
 
 
 def ours(batch: int, frames: int):
-    model = Objective(ObjectiveConfig(cqt_weight=0.0, mixup_prob=0.0), Encoder(EncoderConfig()), {"km": [500]}).train()
+    model = MertObjective(ObjectiveConfig(cqt_weight=0.0, mixup_prob=0.0), Encoder(EncoderConfig()), {"km": [500]}).train()
     labels = {"km": torch.randint(0, 500, (batch, frames + 2, 1))}
     return model, lambda audio, lengths: model(audio, lengths, labels)[0]
 

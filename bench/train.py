@@ -30,7 +30,7 @@ from data.stream import to_device  # noqa: E402
 from pretrain.engine import build_engine, device_for_rank, init_distributed, lr_factor  # noqa: E402
 from pretrain.metrics import Interval, Metrics  # noqa: E402
 from pretrain.model import Encoder, training_flops  # noqa: E402
-from pretrain.objectives.mert import Objective  # noqa: E402
+from pretrain.objectives.mert import MertObjective  # noqa: E402
 from pretrain.step import Progress, TrainStep  # noqa: E402
 from pretrain.train import datasheet_flops  # noqa: E402
 
@@ -118,7 +118,7 @@ def main() -> None:
     device = device_for_rank()
     init_distributed(device)
     torch.manual_seed(0)
-    model = Objective(cfg.objective, Encoder(cfg.model), SIZES).to(device).train()
+    model = MertObjective(cfg.objective, Encoder(cfg.model), SIZES).to(device).train()
     loops = {"trainer": trainer_step(copy.deepcopy(model), cfg, device), "plain": plain_loop(model, cfg, device)}
     data = batches(cfg, args.steps * cfg.train.grad_accum)
     for step in loops.values():  # warm-up

@@ -18,11 +18,7 @@ from data.audio import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
 from data.settings import merge_settings
 from data.stream import StreamConfig
 from pretrain.model import FRONTENDS, EncoderConfig
-from pretrain.objectives.mert import ObjectiveConfig
-
-OBJECTIVE_KINDS = ("mert", "bestrq", "data2vec")  # pretrain/objectives' OBJECTIVES: name -> class
-SELF_TARGETED = ("bestrq", "data2vec")  # kinds that make their targets in the step: no data.labels
-TARGET_NORMS = ("instance", "batch", "both")  # objective.data2vec_target_norm: data2vec.TARGET_NORMS' names
+from pretrain.objectives import OBJECTIVES, ObjectiveConfig
 
 
 @dataclass(frozen=True)
@@ -85,7 +81,8 @@ class ConfigError(ValueError):
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
     """Schema defaults, then the YAML file at `path`, then `key=value` overrides; typed and checked."""
     where = path or "the defaults"
-    layers = [] if path is None else [read_preset(path)]
+    layers = [] if path is None else [migrate(OmegaConf.to_container(read_preset(path)))]
+    refuse_moved_keys(overrides)
     cfg = _typed(merge_settings(RunConfig, layers, overrides, where, ConfigError, ", e.g. train.steps=1000"))
     check(cfg, where)
     return cfg
@@ -110,9 +107,10 @@ def read_preset(path: str, children: tuple[str, ...] = ()) -> DictConfig:
 
 def reads_labels(path: str, overrides: list[str] = ()) -> bool:
     """Whether the preset at `path`, with `key=value` overrides, trains on teacher labels (data.labels: MERT's
-    objective), not on targets its objective makes from the audio in the step (SELF_TARGETED)."""
+    objective), not on targets its objective makes from the audio in the step."""
     kinds = [item.split("=", 1)[1] for item in overrides if item.startswith("objective.kind=")]
-    return (kinds or [read_preset(path).get("objective", {}).get("kind", ObjectiveConfig.kind)])[-1] not in SELF_TARGETED
+    kind = (kinds or [read_preset(path).get("objective", {}).get("kind", ObjectiveConfig.kind)])[-1]
+    return kind not in OBJECTIVES or OBJECTIVES[kind].reads_labels
 
 
 def check(cfg: RunConfig, where: str) -> None:
@@ -120,14 +118,13 @@ def check(cfg: RunConfig, where: str) -> None:
         cfg.data.check()
     except ValueError as error:
         raise ConfigError(f"{where}: data: {error}") from None
-    choices = {"objective.kind": (cfg.objective.kind, OBJECTIVE_KINDS),
+    choices = {"objective.kind": (cfg.objective.kind, tuple(OBJECTIVES)),
                "train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
                "optim.decay": (cfg.optim.decay, ("poly", "cosine")),
                "train.zero_stage": (cfg.train.zero_stage, (0, 1, 2)),
                "model.conv_norm": (cfg.model.conv_norm, ("group", "layer")),
                "model.frontend": (cfg.model.frontend, FRONTENDS),
-               "model.stem": (cfg.model.stem, ("conv2d", "conv1d")),
-               "objective.data2vec_target_norm": (cfg.objective.data2vec_target_norm, TARGET_NORMS)}
+               "model.stem": (cfg.model.stem, ("conv2d", "conv1d"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{where}: {key}={value!r}; use one of {allowed}")
@@ -153,59 +150,24 @@ def check(cfg: RunConfig, where: str) -> None:
 
 
 def check_targets(cfg: RunConfig, where: str) -> None:
-    """mert predicts the codes of offline teachers (data.labels); bestrq and data2vec make their own targets in
-    the step and take none."""
-    kind = cfg.objective.kind
-    if kind == "mert" and not cfg.data.labels:
+    """An objective that reads labels (mert) needs data.labels; one that makes its targets in the step takes none;
+    then the kind's own settings (objective.<kind>.*) are checked by its Settings."""
+    kind, reads_labels = cfg.objective.kind, OBJECTIVES[cfg.objective.kind].reads_labels
+    if reads_labels and not cfg.data.labels:
+        self_targeted = [k for k, objective in OBJECTIVES.items() if not objective.reads_labels]
         raise ConfigError(f"{where}: data.labels is empty; name at least one teacher's label folder, "
                           "e.g. 'data.labels=[SHARDS/labels/encodec]' (made by python -m teachers.encodec dump), "
-                          "or use objective.kind=bestrq or data2vec, which compute their targets from the audio")
-    if kind not in SELF_TARGETED:
-        return
-    for key in ("data.labels", "train.eval_labels"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name):
-            raise ConfigError(f"{where}: {key}={list(getattr(getattr(cfg, section), name))} with objective.kind={kind}, "
-                              f"which computes its targets from the audio in the step; set {key}=[] (or use "
-                              "objective.kind=mert to train on those labels)")
-    (check_bestrq if kind == "bestrq" else check_data2vec)(cfg, where)
-
-
-def check_bestrq(cfg: RunConfig, where: str) -> None:
-    o = cfg.objective
-    for name, low in (("bestrq_codebooks", 1), ("bestrq_codebook_size", 2), ("bestrq_dim", 1), ("bestrq_n_mels", 1),
-                      ("bestrq_stack", 1)):
-        if getattr(o, name) < low:
-            raise ConfigError(f"{where}: objective.{name}={getattr(o, name)} must be at least {low}")
-    if o.bestrq_norm not in ("bin", "clip"):
-        raise ConfigError(f"{where}: objective.bestrq_norm={o.bestrq_norm!r}: use 'bin' (per mel bin over time) or "
-                          "'clip' (one mean and std over the crop)")
-    if FRAME_SAMPLES % o.bestrq_stack:
-        raise ConfigError(f"{where}: objective.bestrq_stack={o.bestrq_stack} must divide the {FRAME_SAMPLES}-sample "
-                          "label frame (log-mel hop = 320 / stack), e.g. 1, 2, 4 or 5")
-    if not FRAME_SAMPLES // o.bestrq_stack <= o.bestrq_n_fft:
-        raise ConfigError(f"{where}: objective.bestrq_n_fft={o.bestrq_n_fft} is shorter than the log-mel hop "
-                          f"{FRAME_SAMPLES // o.bestrq_stack}; use e.g. 2048")
-
-
-def check_data2vec(cfg: RunConfig, where: str) -> None:
-    o = cfg.objective
-    if not 1 <= o.data2vec_top_k <= cfg.model.layers:
-        raise ConfigError(f"{where}: objective.data2vec_top_k={o.data2vec_top_k}: average 1 to model.layers="
-                          f"{cfg.model.layers} of the teacher's layers")
-    for name in ("data2vec_ema_decay", "data2vec_ema_end_decay"):
-        if not 0 <= getattr(o, name) <= 1:
-            raise ConfigError(f"{where}: objective.{name}={getattr(o, name)}: an EMA decay is in [0, 1] (data2vec: "
-                              "0.999 growing to 0.9999)")
-    if o.data2vec_loss_beta < 0:
-        raise ConfigError(f"{where}: objective.data2vec_loss_beta={o.data2vec_loss_beta}: 0 (squared error) or a "
-                          "positive smooth-L1 beta")
-    if o.data2vec_ema_anneal_steps < 0:
-        raise ConfigError(f"{where}: objective.data2vec_ema_anneal_steps must be at least 0 (0: train.steps)")
-    if o.data2vec_clip_weight < 0 or o.data2vec_clip_temperature <= 0:
-        raise ConfigError(f"{where}: objective.data2vec_clip_weight={o.data2vec_clip_weight} and "
-                          f"data2vec_clip_temperature={o.data2vec_clip_temperature}: the weight is at least 0 (0: off), "
-                          "the temperature above 0")
+                          f"or use objective.kind={' or '.join(self_targeted)}, which compute their targets from the audio")
+    given = {"data.labels": cfg.data.labels, "train.eval_labels": cfg.train.eval_labels}
+    for key, folders in given.items() if not reads_labels else ():
+        if folders:
+            raise ConfigError(f"{where}: {key}={list(folders)} with objective.kind={kind}, which computes its "
+                              f"targets from the audio in the step; set {key}=[] (or use objective.kind=mert to "
+                              "train on those labels)")
+    try:
+        getattr(cfg.objective, kind).check(cfg.model)
+    except ValueError as error:
+        raise ConfigError(f"{where}: objective.{kind}.{error}") from None
 
 
 def check_frame_geometry(cfg: RunConfig, where: str) -> None:
@@ -229,13 +191,47 @@ def check_frame_geometry(cfg: RunConfig, where: str) -> None:
                           f"{cfg.objective.sample_rate} must be {FRAME_SAMPLES} and {SAMPLE_RATE}, the label geometry")
 
 
+def moved_key(name: str) -> str | None:
+    """Where a setting of the objective section went when each kind's own settings moved under objective.<kind>
+    (objective.bestrq_seed -> objective.bestrq.seed, objective.proj_dim -> objective.mert.proj_dim); None: it
+    did not move."""
+    if name in ("proj_dim", "temperature"):
+        return f"mert.{name}"
+    for kind in ("bestrq", "data2vec"):
+        if name.startswith(kind + "_"):
+            return f"{kind}.{name[len(kind) + 1:]}"
+    return None
+
+
+def refuse_moved_keys(overrides: list[str] | tuple) -> None:
+    """An override that names a setting by its earlier place gets an error that names the new one (files are
+    migrated: a saved run config must load as it was written)."""
+    for item in overrides:
+        name = item.split("=", 1)[0]
+        if name.startswith("objective.") and moved_key(name[len("objective."):]):
+            raise ConfigError(f"overrides: {name} is now objective.{moved_key(name[len('objective.'):])} (each "
+                              "objective's own settings are under objective.<kind>); rename it")
+
+
+def migrate(saved: dict) -> dict:
+    """A run config or preset of the earlier shape (each kind's settings flat in objective) in today's: what lets
+    runs saved that way resume, export and extract."""
+    objective = dict(saved.get("objective") or {})
+    for name in [name for name in objective if moved_key(name)]:
+        kind, new = moved_key(name).split(".")
+        objective.setdefault(kind, {})[new] = objective.pop(name)
+    return {**saved, "objective": objective} if objective else saved
+
+
 def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(asdict(cfg)))
 
 
 def from_yaml(text: str) -> RunConfig:
-    """A saved run config (the checkpoint's config.yaml), checked against the schema like a preset."""
-    return _typed(merge_settings(RunConfig, [OmegaConf.create(text)], (), "a saved run config", ConfigError))
+    """A saved run config (the checkpoint's config.yaml), checked against the schema like a preset; one of the
+    earlier shape is migrated (`migrate`)."""
+    saved = migrate(OmegaConf.to_container(OmegaConf.create(text)))
+    return _typed(merge_settings(RunConfig, [saved], (), "a saved run config", ConfigError))
 
 
 def _typed(cfg: RunConfig) -> RunConfig:

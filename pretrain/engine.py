@@ -6,7 +6,7 @@ is a world of one. Adam is always torch's AdamW (`torch_adam`: DeepSpeed's
 own fused Adam would compile for minutes): on CPU with its default
 (foreach) implementation and a gloo process group; on GPU with NCCL and
 `fused=True` (one kernel for every parameter's update; DeepSpeed hands the
-optimizer's params on to `torch.optim.AdamW`). With `train.compile=true` the engine's module (the Objective:
+optimizer's params on to `torch.optim.AdamW`). With `train.compile=true` the engine's module (the objective:
 encoder and heads) goes through DeepSpeed's `engine.compile()`, which is
 `nn.Module.compile` in place: parameter names, so checkpoints, are the same
 compiled or not; `graph_breaks()` reports where Dynamo had to split the step.

@@ -78,9 +78,7 @@ class TrainStep:
         while not self.update(batches):
             pass
         self.progress.step += 1
-        after_update = getattr(self.engine.module, "after_update", None)  # data2vec: its EMA teacher follows
-        if after_update is not None:
-            after_update(self.progress.step, self.cfg.train.steps)
+        self.engine.module.after_update(self.progress.step, self.cfg.train.steps)  # e.g. data2vec's EMA teacher
 
     def update(self, batches) -> bool:
         """train.grad_accum micro-batches and the update; False: a loss was non-finite on some rank, skipped."""

@@ -38,7 +38,6 @@ from pretrain.metrics import Interval, Metrics, console_line, truncate_jsonl
 from pretrain.model import Encoder, training_flops
 from pretrain.init_from import initial_weights
 from pretrain.objectives import OBJECTIVES
-from pretrain.objectives.data2vec import TeacherState
 from pretrain.resume_check import check_resumable
 from pretrain.step import Progress, TrainingError, TrainStep, seed_of
 from pretrain.validate import Validator
@@ -109,8 +108,7 @@ class Trainer:
         self.progress = Progress()
         parts = {"trainer": self.progress, "rng": RNGStates(self.generator, device),
                  "loader": StreamState(self.loader, cfg.train.force_resume)}
-        if cfg.objective.kind == "data2vec":  # the EMA teacher, outside DeepSpeed's module (pretrain/objectives/data2vec.py)
-            parts["teacher"] = TeacherState(lambda: self.engine.module)
+        parts.update(OBJECTIVES[cfg.objective.kind].checkpoint_parts(lambda: self.engine.module))  # e.g. an EMA teacher
         self.checkpointer = Checkpointer(self.run_dir, rank, world, cfg.train.keep, parts)
         self.resume()  # refuses (CheckpointError) before anything on disk changes
         self.checkpointer.remove_stale_temporaries()

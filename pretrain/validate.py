@@ -95,7 +95,7 @@ def objective_metrics(objective: nn.Module, batches, seed: int = MASK_SEED) -> d
 
 
 def evaluate(model: nn.Module, batches=(), collapse_batch: dict | None = None, seed: int = MASK_SEED) -> dict[str, float]:
-    """eval/ and collapse/ scalars of `model` (an `Objective`, or a DeepSpeed engine around one).
+    """eval/ and collapse/ scalars of `model` (an objective of pretrain/objectives, or a DeepSpeed engine around one).
 
     `batches`: loader batches for the objective metrics; `collapse_batch`: the batch for the collapse
     signals (None: the first of `batches`). The model is in eval mode meanwhile and is given back in the

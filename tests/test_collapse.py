@@ -4,15 +4,17 @@ feature LayerNorm stopped normalising; PyTorch's default conv init left a GroupN
 near-zero features at init; the transformer lacked fairseq's BERT init."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from data.stream import AudioLoader
 from pretrain.config import load_config
-from pretrain.engine import lr_factor
+from pretrain.engine import build_engine, init_distributed
+from pretrain.metrics import Interval, Metrics
 from pretrain.model import Encoder, EncoderConfig
-from pretrain.objectives.mert import Objective, feature_penalty
+from pretrain.objectives.masked import feature_penalty
+from pretrain.objectives.mert import MertObjective
+from pretrain.step import Progress, TrainStep
 from pretrain.validate import collapse_stats
 
 MERT_CONVS = EncoderConfig().conv_layers  # the real 512-channel stack, GroupNorm on the first conv only
@@ -68,29 +70,23 @@ def test_tiny_preset_training_keeps_its_features_and_output_from_collapsing(trai
     clip rank ended at 1 (docs/learning.md)."""
     shards, labels = train_data
     cfg = load_config("configs/tiny.yaml", [f"data.shards={shards}", f"data.labels=[{labels}]", "data.crop_seconds=1.0",
-                                            "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8"])
+                                            "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8",
+                                            "train.steps=1000"])
     loader = AudioLoader(cfg.data, 0, 1)
     batches = iter(loader)
     held_out = next(batches)
     torch.manual_seed(0)
     encoder = Encoder(cfg.model)
-    objective = Objective(cfg.objective, encoder, {m["teacher"]: m["codebook_sizes"] for m in loader.manifests})
-    optim = torch.optim.AdamW(objective.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                              weight_decay=cfg.optim.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: lr_factor(step, cfg.optim, 1000))
-    generator = torch.Generator().manual_seed(0)
+    objective = MertObjective(cfg.objective, encoder, {m["teacher"]: m["codebook_sizes"] for m in loader.manifests})
     with torch.no_grad():
         initial = frame_variance(encoder.eval()(held_out["audio"], held_out["lengths"])["features"])
     initial_rank = collapse_stats(encoder, held_out["audio"], held_out["lengths"])["collapse/effective_rank"]
-    encoder.train()
+    objective.train()
+    init_distributed(torch.device("cpu"))
+    update = TrainStep(cfg, build_engine(objective, cfg), torch.device("cpu"), 0, 1, torch.Generator().manual_seed(0),
+                       Progress(), Metrics(None, 0, 0), Interval())  # the trainer's update, as pretrain.train runs it
     for _ in range(100):
-        batch = next(batches)
-        loss, _ = objective(batch["audio"], batch["lengths"], batch["labels"], generator)
-        optim.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.optim.clip)
-        optim.step()
-        schedule.step()
+        update(batches)
     loader.close()
     with torch.no_grad():
         features = encoder.eval()(held_out["audio"], held_out["lengths"])["features"]

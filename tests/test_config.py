@@ -1,18 +1,22 @@
 """Run configs: presets, precedence, and errors that name the key."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+from omegaconf import OmegaConf
 
 from pretrain.config import ConfigError, from_yaml, load_config, to_yaml
 from pretrain.model import Encoder
+from pretrain.resume_check import check_resumable
 
 PATHS = ["data.shards=/data/shards", "data.labels=[/data/shards/labels/encodec]"]
 
 
 def test_presets_hold_the_mert_reference_settings():
     base, large = load_config("configs/mert_95m.yaml", PATHS), load_config("configs/mert_330m.yaml", PATHS)
-    assert (base.model.dim, base.model.layers, base.model.pre_ln, base.objective.proj_dim) == (768, 12, False, 64)
-    assert (large.model.dim, large.model.layers, large.model.pre_ln, large.objective.proj_dim) == (1024, 24, True, 128)
+    assert (base.model.dim, base.model.layers, base.model.pre_ln, base.objective.mert.proj_dim) == (768, 12, False, 64)
+    assert (large.model.dim, large.model.layers, large.model.pre_ln, large.objective.mert.proj_dim) == (1024, 24, True, 128)
     assert large.model.attention_relax == 32 and large.model.layerdrop == 0 and large.model.feature_grad_mult == 1.0
     assert (base.optim.lr, base.optim.clip, large.optim.lr, large.optim.clip) == (5e-4, 10.0, 1.5e-3, 1.0)
     assert base.data.crop_seconds == 5.0 and large.data.crop_seconds == 5.12 and large.objective.mixup_seconds == (0.5, 1.5)
@@ -66,10 +70,10 @@ def test_bestrq_needs_no_labels_and_refuses_them():
 
 @pytest.mark.parametrize("overrides, words", [
     (["objective.kind=hubert"], "objective.kind"),
-    (["objective.bestrq_stack=3"], "objective.bestrq_stack"),
-    (["objective.bestrq_codebook_size=1"], "objective.bestrq_codebook_size"),
-    (["objective.bestrq_n_fft=16", "objective.bestrq_stack=2"], "objective.bestrq_n_fft"),
-    (["objective.bestrq_norm=corpus"], "objective.bestrq_norm"),
+    (["objective.bestrq.stack=3"], "objective.bestrq.stack"),
+    (["objective.bestrq.codebook_size=1"], "objective.bestrq.codebook_size"),
+    (["objective.bestrq.n_fft=16", "objective.bestrq.stack=2"], "objective.bestrq.n_fft"),
+    (["objective.bestrq.norm=corpus"], "objective.bestrq.norm"),
     (["train.eval_shards=/e", "train.eval_labels=[/e/labels/km]"], "train.eval_labels"),
 ])
 def test_bad_bestrq_settings_name_the_key(overrides, words):
@@ -77,13 +81,45 @@ def test_bad_bestrq_settings_name_the_key(overrides, words):
         load_config("configs/bestrq_95m.yaml", ["data.shards=/data/shards", *overrides])
 
 
-def test_every_objective_kind_has_a_class_and_every_target_norm_a_function():
-    from pretrain.config import OBJECTIVE_KINDS, TARGET_NORMS
-    from pretrain.objectives import OBJECTIVES
-    from pretrain.objectives.data2vec import TARGET_NORMS as NORM_FUNCTIONS
+def test_every_objective_owns_a_settings_section_that_checks_itself():
+    from pretrain.objectives import OBJECTIVES, ObjectiveConfig
 
-    assert tuple(OBJECTIVES) == OBJECTIVE_KINDS
-    assert tuple(NORM_FUNCTIONS) == TARGET_NORMS
+    model = load_config("configs/mert_95m.yaml", PATHS).model
+    for kind, objective in OBJECTIVES.items():
+        settings = getattr(ObjectiveConfig(), kind)
+        assert dataclasses.is_dataclass(settings) and type(settings) is objective.Settings
+        assert isinstance(objective.reads_labels, bool)
+        settings.check(model)  # its defaults pass its own checks
+    assert [k for k, o in OBJECTIVES.items() if o.reads_labels] == ["mert"]
+
+
+def old_shape(text: str) -> str:
+    """A saved run config as written before each objective's settings moved under objective.<kind>."""
+    saved = OmegaConf.to_container(OmegaConf.create(text))
+    objective = saved["objective"]
+    for kind in ("bestrq", "data2vec"):
+        objective.update({f"{kind}_{name}": value for name, value in objective.pop(kind).items()})
+    objective.update(objective.pop("mert"))  # proj_dim, temperature
+    return OmegaConf.to_yaml(OmegaConf.create(saved))
+
+
+def test_a_run_saved_with_the_earlier_objective_section_is_migrated_and_resumes():
+    cfg = load_config("configs/small_bestrq.yaml", ["data.shards=x", "objective.bestrq.seed=3"])
+    saved = old_shape(to_yaml(cfg))
+    assert "bestrq_seed: 3" in saved and "proj_dim: 64" in saved
+    assert from_yaml(saved) == cfg
+    check_resumable(cfg, 1, saved, {"world": 1})  # no difference to refuse
+    with pytest.raises(ConfigError, match=r"objective\.bestrq\.seed: 3 then, 4 now"):
+        check_resumable(dataclasses.replace(cfg, objective=dataclasses.replace(
+            cfg.objective, bestrq=dataclasses.replace(cfg.objective.bestrq, seed=4))), 1, saved, {"world": 1})
+
+
+def test_a_setting_typed_at_its_earlier_place_is_refused_with_its_new_name_and_a_file_is_migrated(tmp_path):
+    with pytest.raises(ConfigError, match=r"objective\.data2vec_top_k is now objective\.data2vec\.top_k"):
+        load_config("configs/small_data2vec.yaml", ["data.shards=x", "objective.data2vec_top_k=2"])
+    run_config = tmp_path / "config.yaml"  # e.g. extraction's --random-init RUN/config.yaml of an earlier run
+    run_config.write_text(old_shape(to_yaml(load_config("configs/tiny.yaml", PATHS + ["objective.mert.proj_dim=16"]))))
+    assert load_config(str(run_config)).objective.mert.proj_dim == 16
 
 
 def test_a_preset_names_its_base_and_lists_only_what_differs(tmp_path):

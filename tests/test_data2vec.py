@@ -1,6 +1,6 @@
 """data2vec / Music2Vec (pretrain/objectives/data2vec.py): the EMA teacher follows the student by the annealed decay, is fp32
 and outside the module tree, gives instance-normalised targets that padding does not change (with
-data2vec_target_norm=batch or both, targets that keep what is constant through a crop); a tiny model learns them; an
+objective.data2vec.target_norm=batch or both, targets that keep what is constant through a crop); a tiny model learns them; an
 end-to-end run with objective.kind=data2vec and no data.labels trains, checkpoints (with its teacher) and resumes
 exactly."""
 from __future__ import annotations
@@ -15,20 +15,26 @@ import torch
 
 from pretrain.checkpoint import rank_file
 from pretrain.config import ConfigError, load_config
-from pretrain.objectives.bestrq import normalise
 from pretrain.objectives.data2vec import (Data2VecObjective, clip_contrast, clip_means, ema_decay, normalise_both,
                                          normalise_batch)
 from pretrain.export import load_encoder
 from pretrain.model import Encoder
-from pretrain.objectives.mert import variance_covariance
+from pretrain.objectives.masked import normalise, variance_covariance
 from pretrain.validate import collapse_stats
 from test_bestrq import music
 from test_model import TINY
 from test_train import command, final_weights, kill_when_logged, metrics, run, samples
 
-CFG = load_config("configs/tiny.yaml", ["objective.kind=data2vec", "data.labels=[]", "objective.data2vec_top_k=2",
+CFG = load_config("configs/tiny.yaml", ["objective.kind=data2vec", "data.labels=[]", "objective.data2vec.top_k=2",
                                         "objective.cqt_weight=0", "objective.mixup_prob=0",
-                                        "objective.data2vec_ema_all=false"]).objective  # fairseq's default
+                                        "objective.data2vec.ema_all=false"]).objective  # fairseq's default
+
+
+def with_own(cfg, **settings):
+    """`cfg` with objective.data2vec.* settings and shared objective.* settings replaced."""
+    own = {k: v for k, v in settings.items() if hasattr(cfg.data2vec, k)}
+    shared = {k: v for k, v in settings.items() if k not in own}
+    return dataclasses.replace(cfg, data2vec=dataclasses.replace(cfg.data2vec, **own), **shared)
 
 
 def objective(seed: int = 0, cfg=CFG) -> Data2VecObjective:
@@ -37,11 +43,11 @@ def objective(seed: int = 0, cfg=CFG) -> Data2VecObjective:
 
 
 def test_the_decay_anneals_linearly_then_stays():
-    cfg = dataclasses.replace(CFG, data2vec_ema_decay=0.99, data2vec_ema_end_decay=0.999, data2vec_ema_anneal_steps=0)
-    assert ema_decay(cfg, 0, 100) == pytest.approx(0.99)
-    assert ema_decay(cfg, 50, 100) == pytest.approx(0.9945)
-    assert ema_decay(cfg, 100, 100) == ema_decay(cfg, 500, 100) == 0.999
-    assert ema_decay(dataclasses.replace(cfg, data2vec_ema_anneal_steps=10), 10, 100) == 0.999
+    own = with_own(CFG, ema_decay=0.99, ema_end_decay=0.999, ema_anneal_steps=0).data2vec
+    assert ema_decay(own, 0, 100) == pytest.approx(0.99)
+    assert ema_decay(own, 50, 100) == pytest.approx(0.9945)
+    assert ema_decay(own, 100, 100) == ema_decay(own, 500, 100) == 0.999
+    assert ema_decay(dataclasses.replace(own, ema_anneal_steps=10), 10, 100) == 0.999
 
 
 def test_without_ema_all_the_teacher_follows_the_student_blocks_only_and_stays_out_of_the_module_tree():
@@ -52,7 +58,7 @@ def test_without_ema_all_the_teacher_follows_the_student_blocks_only_and_stays_o
         for p in model.encoder.parameters():
             p.add_(1.0)
     model.after_update(1, 10)
-    decay = ema_decay(CFG, 1, 10)
+    decay = ema_decay(CFG.data2vec, 1, 10)
     student = model.encoder.state_dict()
     for name, value in model.teacher.state_dict().items():
         if name.startswith(("norm.", "blocks.")):
@@ -67,13 +73,13 @@ def test_without_ema_all_the_teacher_follows_the_student_blocks_only_and_stays_o
 
 
 def test_with_ema_all_the_teacher_follows_every_weight_and_reads_the_clean_audio():
-    model = objective(cfg=dataclasses.replace(CFG, data2vec_ema_all=True))
+    model = objective(cfg=with_own(CFG, ema_all=True))
     before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     with torch.no_grad():
         for p in model.encoder.parameters():
             p.add_(1.0)
     model.after_update(1, 10)
-    decay, student = ema_decay(CFG, 1, 10), model.encoder.state_dict()
+    decay, student = ema_decay(CFG.data2vec, 1, 10), model.encoder.state_dict()
     followed = {k for k, v in model.teacher.state_dict().items() if not torch.equal(v, before[k])}
     assert "extractor.blocks.0.0.weight" in followed and "projection.weight" in followed
     assert "mask_embedding" not in followed  # the teacher never sees a mask
@@ -117,7 +123,7 @@ def test_batch_norm_targets_keep_what_is_constant_through_a_crop_and_ignore_padd
     instance = normalise(feats, real)
     assert instance[1].mean(0).abs().max() < 1e-5  # the instance norm takes it away
     assert torch.allclose(normalise_both(feats, real), (instance + batch) / 2)  # "both": half of the offset
-    model = objective(cfg=dataclasses.replace(CFG, data2vec_target_norm="batch")).eval()
+    model = objective(cfg=with_own(CFG, target_norm="batch")).eval()
     audio, lengths = music(items=2), torch.full((2,), 48000)
     out = model.encoder(audio, lengths)
     targets = model.targets(out["projected"], out["padding"], audio, lengths)
@@ -154,18 +160,18 @@ def train_tiny(cfg, steps: int) -> tuple[list[dict], Data2VecObjective]:
 
 def test_the_clip_term_is_learned_and_off_by_default():
     assert objective().clip_head is None and "clip_head.weight" not in objective().state_dict()  # checkpoints as before
-    history, _ = train_tiny(dataclasses.replace(CFG, data2vec_clip_weight=1.0, data2vec_ema_all=True), 30)
+    history, _ = train_tiny(with_own(CFG, clip_weight=1.0, ema_all=True), 30)
     clips = [logs["loss/clip"] for logs in history]
     assert sum(clips[-5:]) / 5 < 0.3 * sum(clips[:5]) / 5 and clips[-1] < 0.5, clips  # chance: ln 4 = 1.39
-    with pytest.raises(ConfigError, match="data2vec_clip_weight=-1"):
+    with pytest.raises(ConfigError, match="objective.data2vec.clip_weight=-1"):
         load_config("configs/tiny.yaml", ["objective.kind=data2vec", "data.shards=x", "data.labels=[]",
-                                          "objective.data2vec_top_k=2", "objective.data2vec_clip_weight=-1"])
+                                          "objective.data2vec.top_k=2", "objective.data2vec.clip_weight=-1"])
 
 
 @pytest.mark.parametrize("ema_all", [True, False])
 def test_a_tiny_model_learns_the_targets(ema_all):
-    history, _ = train_tiny(dataclasses.replace(CFG, data2vec_ema_decay=0.999, data2vec_ema_end_decay=0.999,
-                                                data2vec_ema_all=ema_all), 40)
+    history, _ = train_tiny(with_own(CFG, ema_decay=0.999, ema_end_decay=0.999,
+                                                ema_all=ema_all), 40)
     losses, logs = [logs["loss/data2vec"] for logs in history], history[-1]
     assert losses[-1] < 0.65 * losses[0], losses  # a fixed teacher's (ema_all) targets fall slower: ~0.57 here
     assert logs["var/prediction"] > 0.05 and logs["var/target"] > 0.5  # learned, not collapsed onto a constant
@@ -174,8 +180,8 @@ def test_a_tiny_model_learns_the_targets(ema_all):
 def test_the_music2vec_preset_is_the_95m_encoder_on_data2vec_base_settings():
     cfg = load_config("configs/music2vec_95m.yaml", ["data.shards=/data/shards"])
     o = cfg.objective
-    assert (o.kind, o.data2vec_top_k, o.mask_prob, o.mask_length, o.feature_penalty) == ("data2vec", 8, 0.65, 10, 0)
-    assert o.data2vec_ema_all  # our default, not fairseq's (README)
+    assert (o.kind, o.data2vec.top_k, o.mask_prob, o.mask_length, o.feature_penalty) == ("data2vec", 8, 0.65, 10, 0)
+    assert o.data2vec.ema_all  # our default, not fairseq's (README)
     assert (cfg.model.dim, cfg.model.layers, cfg.model.conv_norm, cfg.data.labels) == (768, 12, "layer", ())
 
 
@@ -183,13 +189,13 @@ def test_smooth_l1_is_the_loss_with_a_beta():
     audio, lengths = music(items=2), torch.full((2,), 48000)
     losses = {}
     for beta in (0.0, 0.25, 1000.0):
-        model = objective(cfg=dataclasses.replace(CFG, data2vec_loss_beta=beta)).eval()
+        model = objective(cfg=with_own(CFG, loss_beta=beta)).eval()
         losses[beta] = model(audio, lengths, {}, torch.Generator().manual_seed(0))[1]["loss/data2vec"].item()
     assert losses[1000.0] * 2 * 1000.0 == pytest.approx(losses[0.0], rel=1e-4)  # errors < beta: 0.5 e^2 / beta
     assert losses[0.25] != pytest.approx(losses[0.0], rel=1e-2)
-    with pytest.raises(ConfigError, match="data2vec_loss_beta=-1"):
+    with pytest.raises(ConfigError, match="objective.data2vec.loss_beta=-1"):
         load_config("configs/tiny.yaml", ["objective.kind=data2vec", "data.shards=x", "data.labels=[]",
-                                          "objective.data2vec_top_k=2", "objective.data2vec_loss_beta=-1"])
+                                          "objective.data2vec.top_k=2", "objective.data2vec.loss_beta=-1"])
 
 
 def test_labels_and_impossible_settings_are_refused():
@@ -198,20 +204,20 @@ def test_labels_and_impossible_settings_are_refused():
     base = ["objective.kind=data2vec", "data.shards=x"]
     with pytest.raises(ConfigError, match="data.labels"):
         load_config("configs/tiny.yaml", base + ["data.labels=[x/labels/km]"])
-    with pytest.raises(ConfigError, match="data2vec_top_k=9"):
-        load_config("configs/tiny.yaml", base + ["data.labels=[]", "objective.data2vec_top_k=9"])
-    with pytest.raises(ConfigError, match="data2vec_ema_decay=1.5"):
-        load_config("configs/tiny.yaml", base + ["data.labels=[]", "objective.data2vec_top_k=2",
-                                                 "objective.data2vec_ema_decay=1.5"])
-    with pytest.raises(ConfigError, match=r"data2vec_target_norm='layer'; use one of \('instance', 'batch', 'both'\)"):
-        load_config("configs/tiny.yaml", base + ["data.labels=[]", "objective.data2vec_top_k=2",
-                                                 "objective.data2vec_target_norm=layer"])
+    with pytest.raises(ConfigError, match="objective.data2vec.top_k=9"):
+        load_config("configs/tiny.yaml", base + ["data.labels=[]", "objective.data2vec.top_k=9"])
+    with pytest.raises(ConfigError, match="objective.data2vec.ema_decay=1.5"):
+        load_config("configs/tiny.yaml", base + ["data.labels=[]", "objective.data2vec.top_k=2",
+                                                 "objective.data2vec.ema_decay=1.5"])
+    with pytest.raises(ConfigError, match=r"objective.data2vec.target_norm='layer'; use one of \('instance', 'batch', 'both'\)"):
+        load_config("configs/tiny.yaml", base + ["data.labels=[]", "objective.data2vec.top_k=2",
+                                                 "objective.data2vec.target_norm=layer"])
 
 
 def data2vec_command(shards: str, run_dir, *extra) -> list[str]:
     return [sys.executable, "-m", "pretrain.train", "--config", "configs/tiny.yaml", "objective.kind=data2vec",
-            "data.labels=[]", "objective.data2vec_top_k=2", "objective.data2vec_ema_decay=0.9",
-            "objective.data2vec_ema_end_decay=0.99", "objective.data2vec_ema_anneal_steps=6",
+            "data.labels=[]", "objective.data2vec.top_k=2", "objective.data2vec.ema_decay=0.9",
+            "objective.data2vec.ema_end_decay=0.99", "objective.data2vec.ema_anneal_steps=6",
             "objective.mask_length=10", f"data.shards={shards}",
             "data.crop_seconds=1.0", "data.batch_size=2", "data.shuffle_buffer=8", f"train.run_dir={run_dir}",
             "train.log_every=1", "train.log_samples=true", *extra]
@@ -255,8 +261,8 @@ def test_sigkill_of_a_two_process_data2vec_run_then_resume_matches_the_uninterru
     """The teacher is the state a kill can lose that no other objective has: after a SIGKILL at a random step the
     resumed run ends with the straight run's losses, student and teacher."""
     steps = 8
-    extra = ("objective.kind=data2vec", "data.labels=[]", "objective.data2vec_top_k=2", "objective.data2vec_ema_decay=0.9",
-             "objective.data2vec_ema_end_decay=0.99", f"objective.data2vec_ema_anneal_steps={steps}",
+    extra = ("objective.kind=data2vec", "data.labels=[]", "objective.data2vec.top_k=2", "objective.data2vec.ema_decay=0.9",
+             "objective.data2vec.ema_end_decay=0.99", f"objective.data2vec.ema_anneal_steps={steps}",
              f"train.steps={steps}", "train.save_every=2", "train.log_samples=true")
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run(command(train_data, straight, *extra, procs=2))
@@ -286,10 +292,10 @@ def test_vicreg_terms_keep_a_tiny_model_from_dimensional_collapse():
     assert torch.allclose(torch.stack(variance_covariance(padded, real)), torch.stack(variance_covariance(white, every)))
     ranks = {}
     for weight in (0.0, 1.0):
-        _, model = train_tiny(dataclasses.replace(CFG, data2vec_ema_all=True, vicreg_weight=weight), 30)
+        _, model = train_tiny(with_own(CFG, ema_all=True, vicreg_weight=weight), 30)
         with torch.no_grad():
             ranks[weight] = collapse_stats(model.encoder.eval(), music(items=4), torch.full((4,), 48000))["collapse/effective_rank"]
     assert ranks[1.0] >= 1.3 * ranks[0.0], ranks  # measured: 29 against 19
     with pytest.raises(ConfigError, match="vicreg_weight=-1"):
         load_config("configs/tiny.yaml", ["objective.kind=data2vec", "data.shards=x", "data.labels=[]",
-                                          "objective.data2vec_top_k=2", "objective.vicreg_weight=-1"])
+                                          "objective.data2vec.top_k=2", "objective.vicreg_weight=-1"])

@@ -32,7 +32,7 @@ def test_each_objective_preset_is_its_base_preset_with_the_objectives_settings(p
     assert reads_labels(f"configs/{size}.yaml") and base.data.labels
     assert (cfg.model.dim, cfg.model.layers, cfg.train.steps) == (base.model.dim, base.model.layers, base.train.steps)
     if objective == "data2vec":
-        assert cfg.objective.data2vec_top_k == max(1, round(cfg.model.layers * 2 / 3))  # data2vec base: 8 of 12
+        assert cfg.objective.data2vec.top_k == max(1, round(cfg.model.layers * 2 / 3))  # data2vec base: 8 of 12
         music2vec = load_config("configs/music2vec_95m.yaml", ["data.shards=x"])
         assert cfg.model.conv_norm == music2vec.model.conv_norm == "layer"  # data2vec audio base's extractor
     if objective == "bestrq":

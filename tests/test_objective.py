@@ -6,7 +6,9 @@ import dataclasses
 import torch
 
 from pretrain.model import Encoder, conv_frames
-from pretrain.objectives.mert import Objective, ObjectiveConfig, noise_mixup, span_mask
+from pretrain.objectives import ObjectiveConfig
+from pretrain.objectives.masked import noise_mixup, span_mask
+from pretrain.objectives.mert import MertObjective
 from test_model import TINY
 
 SIZES = {"km": [7, 5]}
@@ -41,9 +43,9 @@ def test_mixup_respects_its_probability_and_lengths():
     assert 0.4 < changed / 400 < 0.6
 
 
-def objective(seed: int = 0, **kw) -> Objective:
+def objective(seed: int = 0, **kw) -> MertObjective:
     torch.manual_seed(seed)
-    return Objective(ObjectiveConfig(**kw), Encoder(TINY), SIZES)
+    return MertObjective(ObjectiveConfig(**kw), Encoder(TINY), SIZES)
 
 
 def test_loss_only_depends_on_masked_frames():

@@ -18,7 +18,7 @@ from pretrain.config import ConfigError, load_config, to_yaml
 from pretrain.engine import deepspeed_config
 from pretrain.metrics import Interval
 from pretrain.model import Encoder
-from pretrain.objectives.mert import Objective
+from pretrain.objectives.mert import MertObjective
 from pretrain.resume_check import FREE_TO_CHANGE, check_resumable, flatten
 
 
@@ -139,7 +139,7 @@ def test_an_update_reads_the_device_once_whatever_its_micro_batches(kind, monkey
     from pretrain.objectives import OBJECTIVES
     from pretrain.step import Progress, TrainStep
 
-    targets = {"mert": [], "data2vec": ["data.labels=[]", "objective.data2vec_top_k=2", "objective.data2vec_clip_weight=1"],
+    targets = {"mert": [], "data2vec": ["data.labels=[]", "objective.data2vec.top_k=2", "objective.data2vec.clip_weight=1"],
                "bestrq": ["data.labels=[]"]}
     cfg = load_config("configs/tiny.yaml", ["data.shards=x", "data.labels=[x]", f"objective.kind={kind}",
                                             "objective.cqt_weight=1", "objective.vicreg_weight=1", "train.grad_accum=3",
@@ -237,7 +237,7 @@ DROPOUT = ["model.dropout=0.1", "model.attention_dropout=0.1", "model.activation
 def loss_and_grads(checkpoint_activations: bool):
     cfg = load_config("configs/tiny.yaml", ["data.shards=x", "data.labels=[x]", *DROPOUT])
     torch.manual_seed(0)
-    model = Objective(cfg.objective, Encoder(cfg.model, checkpoint_activations=checkpoint_activations),
+    model = MertObjective(cfg.objective, Encoder(cfg.model, checkpoint_activations=checkpoint_activations),
                       {"km": [16, 8]}).train()
     audio = 0.1 * torch.randn(3, 24000, generator=torch.Generator().manual_seed(1))
     lengths = torch.tensor([24000, 24000, 15000])

@@ -11,7 +11,8 @@ import torch
 
 from pretrain.config import ConfigError, load_config
 from pretrain.model import Encoder, EncoderConfig
-from pretrain.objectives.mert import Objective, ObjectiveConfig
+from pretrain.objectives import ObjectiveConfig
+from pretrain.objectives.mert import MertObjective, MertSettings
 from pretrain.validate import collapse_stats, collapse_warning, effective_rank, evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +79,7 @@ def test_constant_output_and_squashed_conv_features_raise_the_alarm():
 
 def test_evaluate_leaves_the_training_rng_streams_and_mode_alone():
     torch.manual_seed(0)
-    objective = Objective(ObjectiveConfig(proj_dim=16, cqt_bins=48, cqt_bins_per_octave=12), Encoder(TINY),
+    objective = MertObjective(ObjectiveConfig(mert=MertSettings(proj_dim=16), cqt_bins=48, cqt_bins_per_octave=12), Encoder(TINY),
                           {"km": [16, 8]}).train()
     audio, lengths = music()
     labels = {"km": torch.randint(0, 8, (4, 75, 2))}

@@ -1,65 +1,73 @@
 """BEST-RQ (Chiu et al. 2022; MusicFM, Won et al. 2024): masked prediction of codes from a frozen random-projection
 quantizer, computed in the step from the clean audio. No offline teacher stage and no `data.labels`.
 
-    objective = BestRQObjective(ObjectiveConfig(kind="bestrq"), encoder)
+    objective = BestRQObjective(cfg.objective, encoder)     # cfg: pretrain/config.py, objective.kind=bestrq
     loss, logs = objective(audio, lengths, {})       # logs: loss/bestrq_N, acc/bestrq_N per codebook
 
-Targets, per 320-sample label frame (75 Hz, the encoder's frame rate):
-1. log-mel (data/features.py: Slaney mel, natural log, window `bestrq_n_fft` centred on the frame) at hop
-   320 / `bestrq_stack`, so `bestrq_stack` sub-frames fall inside each label frame;
-2. normalised over the crop's real frames (`bestrq_norm`): "bin", per mel bin over time (instance norm: mean 0,
+Targets (settings `objective.bestrq.*`, `BestRQSettings`), per 320-sample label frame (75 Hz, the encoder's frame rate):
+1. log-mel (data/features.py: Slaney mel, natural log, window `n_fft` centred on the frame) at hop
+   320 / `stack`, so `stack` sub-frames fall inside each label frame;
+2. normalised over the crop's real frames (`norm`): "bin", per mel bin over time (instance norm: mean 0,
    std 1 per bin), or "clip", one mean and std over all the crop's bins and frames (MusicFM's scalar
    normalisation, with the crop's statistics instead of the corpus's) — see `normalise`;
-3. the `bestrq_stack` sub-frames of a label frame concatenated: [n_mels x stack];
-4. per codebook, projected by a fixed Xavier-normal matrix to `bestrq_dim` dims and assigned the nearest of
-   `bestrq_codebook_size` random unit vectors by cosine.
+3. the `stack` sub-frames of a label frame concatenated: [n_mels x stack];
+4. per codebook, projected by a fixed Xavier-normal matrix to `dim` dims and assigned the nearest of
+   `codebook_size` random unit vectors by cosine.
 Frames past a clip's real length get code -1 (ignored by the loss; the mask never reaches them anyway).
 
 The projection, the codebooks and the log-mel filters are not part of the module tree (like the CQT kernels of
-pretrain/objectives/mert.py): they are drawn on the CPU from `bestrq_seed` when the objective is built, so they are
+pretrain/objectives/masked.py): they are drawn on the CPU from `seed` when the objective is built, so they are
 identical on every rank and after a resume, are never trained, cast to bf16/fp16 by DeepSpeed, or saved in a
 checkpoint (the seed in the run's config.yaml is what makes them again); exports hold the encoder only, as for mert.
 
-The loss is the mert objective's (pretrain/objectives/mert.py: span mask, optional noise mixup of the input, masked
-frames only, feature penalty, optional CQT head), with one linear softmax head per codebook, as in BEST-RQ.
+The loss is the shared masked step's (pretrain/objectives/masked.py: span mask, optional noise mixup of the input,
+masked frames only, feature penalty, optional CQT head), with one linear softmax head per codebook, as in BEST-RQ.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from data.audio import FRAME_SAMPLES
-from pretrain.model import Encoder
-from pretrain.objectives.mert import Objective, ObjectiveConfig
 from data.features import FeatureConfig, FeatureExtractor
+from pretrain.model import Encoder, EncoderConfig
+from pretrain.objectives.masked import MaskedObjective, normalise
 
 STREAM = "bestrq"  # the logs' name: loss/bestrq_N, acc/bestrq_N
-NORM_DIMS = {"bin": (1,), "clip": (1, 2)}  # bestrq_norm -> the dims of [B, T, n_mels] that `normalise` reduces over
-NORM_FLOOR = 1e-3  # std floor of the instance norm, in natural-log units: a constant bin (silence) maps to 0
+NORM_DIMS = {"bin": (1,), "clip": (1, 2)}  # norm -> the dims of [B, T, n_mels] that `normalise` reduces over
 
 
-def normalise(feats: torch.Tensor, real: torch.Tensor, dims: tuple[int, ...] = (1,)) -> torch.Tensor:
-    """Mean 0 and std 1 per feature over the real frames ([B, T, D], real [B, T] bool); padded frames become 0.
-    `dims` are the ones reduced over: (1,) time, per item (the instance norm); (0, 1) the whole batch.
+@dataclass(frozen=True)
+class BestRQSettings:
+    """objective.bestrq.*: the quantizer's projection and codebooks are drawn from `seed` (configs/bestrq_95m.yaml
+    explains the values)."""
+    seed: int = 0
+    codebooks: int = 1  # independent quantizers (own projection and codebook), one softmax head each
+    codebook_size: int = 4096
+    dim: int = 16  # projection (and codeword) dimension
+    n_mels: int = 128
+    n_fft: int = 2048
+    stack: int = 1  # log-mel frames per 320-sample label frame (hop 320 / stack), concatenated
+    norm: str = "bin"  # log-mel standardised per crop: "bin", each mel bin over time (what stays the same
+    # through the crop leaves the codes); "clip", one mean and std over the crop (MusicFM: over the corpus)
 
-    Why per crop (instance norm) and not corpus statistics: it needs no pass over the data, is a pure function
-    of the crop (deterministic, the same on every rank and after a resume), and takes away what a random
-    projection would otherwise be dominated by (the average spectral tilt and the loudness of the recording,
-    which would put most frames on a few codes). Its cost: codes describe each frame relative to its crop's
-    average spectrum, so the same audio frame can get another code in another crop of the same track, and what
-    stays the same through the crop (a held note, the instrument's spectral envelope) is not in its codes.
-    dims (1, 2) over time and features: one mean and std per crop, which keeps the spectrum's shape in the codes
-    and takes away only the recording's level and contrast (`bestrq_norm: clip`)."""
-    weight = real.to(feats.dtype)[..., None].expand_as(feats)
-    count = weight.sum(dims, keepdim=True).clamp(min=1.0)
-    mean = (feats * weight).sum(dims, keepdim=True) / count
-    var = ((feats - mean).square() * weight).sum(dims, keepdim=True) / count
-    return (feats - mean) / var.sqrt().clamp(min=NORM_FLOOR) * weight
-
-
+    def check(self, model: EncoderConfig) -> None:
+        for name, low in (("codebooks", 1), ("codebook_size", 2), ("dim", 1), ("n_mels", 1), ("stack", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least {low}")
+        if self.norm not in NORM_DIMS:
+            raise ValueError(f"norm={self.norm!r}: use 'bin' (per mel bin over time) or 'clip' (one mean and std "
+                             "over the crop)")
+        if FRAME_SAMPLES % self.stack:
+            raise ValueError(f"stack={self.stack} must divide the {FRAME_SAMPLES}-sample label frame (log-mel hop = "
+                             f"{FRAME_SAMPLES} / stack), e.g. 1, 2, 4 or 5")
+        if not FRAME_SAMPLES // self.stack <= self.n_fft:
+            raise ValueError(f"n_fft={self.n_fft} is shorter than the log-mel hop {FRAME_SAMPLES // self.stack}; "
+                             "use e.g. 2048")
 def xavier_normal(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """[..., fan_in, fan_out] with std sqrt(2 / (fan_in + fan_out)) (Glorot; BEST-RQ's and MusicFM's projection)."""
     fan_in, fan_out = shape[-2], shape[-1]
@@ -69,13 +77,13 @@ def xavier_normal(shape: tuple[int, ...], generator: torch.Generator) -> torch.T
 class RandomProjectionQuantizer:
     """codes(audio [B, N], lengths [B]) -> int64 [B, N // 320, books]. A plain object, not an nn.Module."""
 
-    def __init__(self, cfg: ObjectiveConfig):
-        self.stack, self.norm_dims = cfg.bestrq_stack, NORM_DIMS[cfg.bestrq_norm]
-        self.features = FeatureExtractor(FeatureConfig(kind="logmel", hop=FRAME_SAMPLES // cfg.bestrq_stack,
-                                                       n_fft=cfg.bestrq_n_fft, n_mels=cfg.bestrq_n_mels))
-        generator = torch.Generator().manual_seed(cfg.bestrq_seed)
-        books, size, dim = cfg.bestrq_codebooks, cfg.bestrq_codebook_size, cfg.bestrq_dim
-        self.projection = xavier_normal((books, cfg.bestrq_n_mels * self.stack, dim), generator)  # [books, in, dim]
+    def __init__(self, settings: BestRQSettings):
+        self.stack, self.norm_dims = settings.stack, NORM_DIMS[settings.norm]
+        self.features = FeatureExtractor(FeatureConfig(kind="logmel", hop=FRAME_SAMPLES // settings.stack,
+                                                       n_fft=settings.n_fft, n_mels=settings.n_mels))
+        generator = torch.Generator().manual_seed(settings.seed)
+        books, size, dim = settings.codebooks, settings.codebook_size, settings.dim
+        self.projection = xavier_normal((books, settings.n_mels * self.stack, dim), generator)  # [books, in, dim]
         self.codebooks = F.normalize(torch.randn(books, size, dim, generator=generator), dim=-1)  # [books, size, dim]
 
     def to(self, device: torch.device) -> "RandomProjectionQuantizer":
@@ -113,27 +121,27 @@ class SoftmaxHead(nn.Linear):
         return super().forward(h).float()
 
 
-class BestRQObjective(Objective):
-    """The mert objective's masked prediction, with codes from `RandomProjectionQuantizer` instead of teachers."""
+class BestRQObjective(MaskedObjective):
+    """The shared masked step with one softmax head per codebook, predicting `RandomProjectionQuantizer`'s codes."""
 
-    def __init__(self, cfg: ObjectiveConfig, encoder: Encoder, codebook_sizes: dict[str, list[int]] | None = None):
-        if codebook_sizes:
-            raise ValueError(f"objective.kind=bestrq makes its own targets; it takes no teacher labels (got "
-                             f"{sorted(codebook_sizes)}): leave data.labels empty")
-        super().__init__(cfg, encoder, {})
-        self.heads = nn.ModuleDict({f"{STREAM}_{book}": SoftmaxHead(encoder.cfg.dim, cfg.bestrq_codebook_size)
-                                    for book in range(cfg.bestrq_codebooks)})
-        self._quantizer = RandomProjectionQuantizer(cfg)  # outside the module tree: not trained, cast or saved
+    Settings = BestRQSettings
+    reads_labels = False
+
+    def __init__(self, cfg, encoder: Encoder, codebook_sizes: dict[str, list[int]] | None = None):
+        own = cfg.bestrq
+        super().__init__(cfg, encoder, codebook_sizes, heads={
+            f"{STREAM}_{book}": SoftmaxHead(encoder.cfg.dim, own.codebook_size) for book in range(own.codebooks)})
+        self._quantizer = RandomProjectionQuantizer(own)  # outside the module tree: not trained, cast or saved
 
     @torch.compiler.disable  # train.compile: eager, in fp32, like the CQT target
     def targets(self, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The quantizer's codes of the clean audio: int64 [B, N // 320, bestrq_codebooks], -1 past the real end."""
+        """The quantizer's codes of the clean audio: int64 [B, N // 320, codebooks], -1 past the real end."""
         return self._quantizer.codes(audio, lengths)
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor, labels: dict[str, torch.Tensor],
                 generator: torch.Generator | None = None, skip: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """As Objective.forward; `labels` must be empty (a loader without data.labels gives {})."""
-        if labels:
-            raise ValueError(f"objective.kind=bestrq got teacher labels {sorted(labels)}; leave data.labels empty")
-        return super().forward(audio, lengths, {STREAM: self.targets(audio, lengths)}, generator, skip)
+        """As MertObjective.forward, with the quantizer's codes as the one stream (`labels`: {}, unused)."""
+        step, loss, logs = self.masked_step(audio, lengths, generator, skip)
+        loss = self.code_losses(step, {STREAM: self.targets(audio, lengths)}, loss, logs)
+        return self.finish(loss, logs, audio, step)
