@@ -74,6 +74,29 @@ def final_weights(run_dir, step: int) -> dict:
     return module_weights(os.path.join(run_dir, "checkpoints", f"step-{step:08d}"))
 
 
+def straight_and_resumed(command, shards: str, tmp_path, tolerance: float = 1e-6) -> tuple[list, list, dict]:
+    """A run of `command(shards, run_dir, *extra)` (an objective's tiny run) for 6 steps straight, and again stopped
+    after 3 and resumed, saving and evaluating every 3: both log every step with the same scalars (within
+    `tolerance`), end with the same weights and draw the same samples. Returns (straight's metrics rows,
+    resumed's, resumed's final weights); `tmp_path`/straight and /resumed hold the runs."""
+    extra = ("train.save_every=3", "train.eval_every=3", f"train.eval_shards={shards}", "train.eval_batches=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(command(shards, straight, "train.steps=6", *extra))
+    run(command(shards, resumed, "train.steps=3", *extra))
+    done = run(command(shards, resumed, "train.steps=6", *extra))
+    assert "resumed from" in done.stderr and "step-00000003" in done.stderr
+    a, b = metrics(straight), metrics(resumed)
+    assert [r["step"] for r in a if "loss" in r] == [r["step"] for r in b if "loss" in r] == list(range(1, 7))
+    for row_a, row_b in zip(a, b):
+        assert row_a["step"] == row_b["step"] and row_a.keys() == row_b.keys()
+        learned = [k for k in row_a if k.removeprefix("eval/").split("/")[0] in ("loss", "acc", "var")]  # not timings
+        assert all(abs(row_a[k] - row_b[k]) <= tolerance for k in learned), row_a["step"]
+    wa, wb = final_weights(straight, 6), final_weights(resumed, 6)
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
+    assert samples(straight, 0) == samples(resumed, 0)
+    return a, b, wb
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants at once (torchrun starts its workers in sessions of their own,
     so killing its process group alone would leave them running; a cluster kills the whole job like this)."""
