@@ -81,7 +81,7 @@ class ConfigError(ValueError):
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
     """Schema defaults, then the YAML file at `path`, then `key=value` overrides; typed and checked."""
     where = path or "the defaults"
-    layers = [] if path is None else [migrate(OmegaConf.to_container(read_preset(path)))]
+    layers = [] if path is None else [read_preset(path)]
     refuse_moved_keys(overrides)
     cfg = _typed(merge_settings(RunConfig, layers, overrides, where, ConfigError, ", e.g. train.steps=1000"))
     check(cfg, where)
@@ -95,7 +95,7 @@ def read_preset(path: str, children: tuple[str, ...] = ()) -> DictConfig:
         raise ConfigError(f"{path}: no such config file (presets are in configs/, e.g. configs/tiny.yaml)")
     if os.path.realpath(path) in children:
         raise ConfigError(f"{path}: its base: chain comes back to itself ({' -> '.join(children)})")
-    preset = OmegaConf.load(path)
+    preset = OmegaConf.create(migrate(OmegaConf.to_container(OmegaConf.load(path))))  # each file before the merge
     base = preset.pop("base", None)
     if base is None:
         return preset
@@ -216,7 +216,7 @@ def refuse_moved_keys(overrides: list[str] | tuple) -> None:
 def migrate(saved: dict) -> dict:
     """A run config or preset of the earlier shape (each kind's settings flat in objective) in today's: what lets
     runs saved that way resume, export and extract."""
-    objective = dict(saved.get("objective") or {})
+    objective = dict(saved.get("objective") or {}) if isinstance(saved, dict) else {}
     for name in [name for name in objective if moved_key(name)]:
         kind, new = moved_key(name).split(".")
         objective.setdefault(kind, {})[new] = objective.pop(name)

@@ -120,6 +120,8 @@ def test_a_setting_typed_at_its_earlier_place_is_refused_with_its_new_name_and_a
     run_config = tmp_path / "config.yaml"  # e.g. extraction's --random-init RUN/config.yaml of an earlier run
     run_config.write_text(old_shape(to_yaml(load_config("configs/tiny.yaml", PATHS + ["objective.mert.proj_dim=16"]))))
     assert load_config(str(run_config)).objective.mert.proj_dim == 16
+    (tmp_path / "child.yaml").write_text("base: config.yaml\nobjective: {mert: {proj_dim: 48}}\n")  # each file migrated
+    assert load_config(str(tmp_path / "child.yaml")).objective.mert.proj_dim == 48  # before its base is merged under it
 
 
 def test_a_preset_names_its_base_and_lists_only_what_differs(tmp_path):

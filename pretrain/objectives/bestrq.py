@@ -129,7 +129,8 @@ class BestRQObjective(MaskedObjective):
 
     def __init__(self, cfg, encoder: Encoder, codebook_sizes: dict[str, list[int]] | None = None):
         own = cfg.bestrq
-        super().__init__(cfg, encoder, codebook_sizes, heads={
+        super().__init__(cfg, encoder, codebook_sizes)
+        self.heads = nn.ModuleDict({  # made after the CQT head: the same draws from the seed as ever
             f"{STREAM}_{book}": SoftmaxHead(encoder.cfg.dim, own.codebook_size) for book in range(own.codebooks)})
         self._quantizer = RandomProjectionQuantizer(own)  # outside the module tree: not trained, cast or saved
 

@@ -99,7 +99,10 @@ class Data2VecObjective(MaskedObjective):
     reads_labels = False
 
     def __init__(self, cfg, encoder: Encoder, codebook_sizes: dict[str, list[int]] | None = None):
-        cfg.data2vec.check(encoder.cfg)
+        try:
+            cfg.data2vec.check(encoder.cfg)
+        except ValueError as error:
+            raise ValueError(f"objective.data2vec.{error}") from None
         super().__init__(cfg, encoder, codebook_sizes)
         self.own = cfg.data2vec
         self.final_proj = nn.Linear(encoder.cfg.dim, encoder.cfg.dim)

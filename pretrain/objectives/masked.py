@@ -160,7 +160,7 @@ class MaskedObjective(nn.Module):
         (`code_losses`)."""
         super().__init__()
         if codebook_sizes and not self.reads_labels:
-            raise ValueError(f"objective.kind={cfg.kind} makes its own targets; it takes no teacher labels (got "
+            raise ValueError(f"{type(self).__name__} makes its own targets; it takes no teacher labels (got "
                              f"{sorted(codebook_sizes)}): leave data.labels empty")
         self.cfg, self.encoder = cfg, encoder
         self.heads = nn.ModuleDict(heads or {})
