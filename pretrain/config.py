@@ -130,6 +130,11 @@ def check(cfg: RunConfig, where: str) -> None:
             raise ConfigError(f"{where}: {key}={value!r}; use one of {allowed}")
     check_targets(cfg, where)
     check_frame_geometry(cfg, where)
+    if cfg.model.frontend == "cqt":
+        check_cqt_octaves("model", cfg.model.cqt_bins, cfg.model.cqt_bins_per_octave, cfg.model.hop, where)
+    if cfg.objective.cqt_weight > 0:
+        check_cqt_octaves("objective", cfg.objective.cqt_bins, cfg.objective.cqt_bins_per_octave, cfg.objective.hop,
+                          where)
     if cfg.model.dim % cfg.model.heads:
         raise ConfigError(f"{where}: model.dim={cfg.model.dim} is not a multiple of model.heads={cfg.model.heads}")
     for key in ("train.steps", "train.grad_accum", "train.log_every", "train.save_every", "train.keep"):
@@ -168,6 +173,17 @@ def check_targets(cfg: RunConfig, where: str) -> None:
         getattr(cfg.objective, kind).check(cfg.model)
     except ValueError as error:
         raise ConfigError(f"{where}: objective.{kind}.{error}") from None
+
+
+def check_cqt_octaves(section: str, bins: int, per_octave: int, hop: int, where: str) -> None:
+    """nnAudio's CQT computes the top octave at the full rate and each lower one at half the rate of the one
+    above, with half its hop: a hop of 320 = 2^6 x 5 samples allows 7 octaves."""
+    octaves, most = -(-bins // max(per_octave, 1)), (hop & -hop).bit_length()
+    if octaves > most:
+        raise ConfigError(f"{where}: {section}.cqt_bins={bins} at {section}.cqt_bins_per_octave={per_octave} spans "
+                          f"{octaves} octaves; the CQT halves its {hop}-sample hop once per octave below the top, so "
+                          f"it computes at most {most}: use at most {most * per_octave} bins (a higher "
+                          f"{section}.cqt_fmin moves them up)")
 
 
 def check_frame_geometry(cfg: RunConfig, where: str) -> None:

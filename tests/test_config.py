@@ -81,6 +81,16 @@ def test_bad_bestrq_settings_name_the_key(overrides, words):
         load_config("configs/bestrq_95m.yaml", ["data.shards=/data/shards", *overrides])
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["model.frontend=cqt", "model.cqt_bins=169"], "model.cqt_bins=169"),  # 7 octaves and a bin: nnAudio fails
+    (["objective.cqt_bins=96", "objective.cqt_bins_per_octave=12"], "objective.cqt_bins=96"),
+])
+def test_a_cqt_of_more_octaves_than_the_hop_allows_is_refused(overrides, key):
+    load_config("configs/tiny.yaml", PATHS + ["model.frontend=cqt", "model.cqt_bins=168"])  # 7 octaves: computed
+    with pytest.raises(ConfigError, match=rf"{key} .* spans 8 octaves.*at most 7"):
+        load_config("configs/tiny.yaml", PATHS + overrides)
+
+
 def test_every_objective_owns_a_settings_section_that_checks_itself():
     from pretrain.objectives import OBJECTIVES, ObjectiveConfig
 
