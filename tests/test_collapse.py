@@ -9,7 +9,7 @@ import torch
 
 from data.stream import AudioLoader
 from pretrain.config import load_config
-from pretrain.engine import build_engine, init_distributed
+from pretrain.engine import _free_port, build_engine, init_distributed
 from pretrain.metrics import Interval, Metrics
 from pretrain.model import Encoder, EncoderConfig
 from pretrain.objectives.masked import feature_penalty
@@ -59,8 +59,22 @@ def test_transformer_blocks_have_bert_init():
             assert not module.bias.any(), name
 
 
+@pytest.fixture
+def world_of_one(monkeypatch):
+    """A process group of one in this process for the test, then gone with its environment: later tests start
+    trainers that would otherwise inherit RANK and MASTER_PORT and find the port taken."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    init_distributed(torch.device("cpu"))
+    yield
+    torch.distributed.destroy_process_group()
+
+
 @pytest.mark.slow
-def test_tiny_preset_training_keeps_its_features_and_output_from_collapsing(train_data):
+def test_tiny_preset_training_keeps_its_features_and_output_from_collapsing(train_data, world_of_one):
     """100 steps of the tiny preset as configured: the conv features keep their scale and the output frames their
     rank. With HuBERT's penalty at weight 10 the conv features' variance fell ~100x within 100 steps (0.005, a few
     hundred times the LayerNorm eps; 0.45 without the penalty), and over 1,500 steps on real music the clip
@@ -82,7 +96,6 @@ def test_tiny_preset_training_keeps_its_features_and_output_from_collapsing(trai
         initial = frame_variance(encoder.eval()(held_out["audio"], held_out["lengths"])["features"])
     initial_rank = collapse_stats(encoder, held_out["audio"], held_out["lengths"])["collapse/effective_rank"]
     objective.train()
-    init_distributed(torch.device("cpu"))
     update = TrainStep(cfg, build_engine(objective, cfg), torch.device("cpu"), 0, 1, torch.Generator().manual_seed(0),
                        Progress(), Metrics(None, 0, 0), Interval())  # the trainer's update, as pretrain.train runs it
     for _ in range(100):
