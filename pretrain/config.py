@@ -163,9 +163,8 @@ def check_targets(cfg: RunConfig, where: str) -> None:
         raise ConfigError(f"{where}: data.labels is empty; name at least one teacher's label folder, "
                           "e.g. 'data.labels=[SHARDS/labels/encodec]' (made by python -m teachers.encodec dump), "
                           f"or use objective.kind={' or '.join(self_targeted)}, which compute their targets from the audio")
-    given = {"data.labels": cfg.data.labels, "train.eval_labels": cfg.train.eval_labels}
-    for key, folders in given.items() if not reads_labels else ():
-        if folders:
+    for key, folders in (("data.labels", cfg.data.labels), ("train.eval_labels", cfg.train.eval_labels)):
+        if folders and not reads_labels:
             raise ConfigError(f"{where}: {key}={list(folders)} with objective.kind={kind}, which computes its "
                               f"targets from the audio in the step; set {key}=[] (or use objective.kind=mert to "
                               "train on those labels)")
@@ -223,10 +222,10 @@ def refuse_moved_keys(overrides: list[str] | tuple) -> None:
     """An override that names a setting by its earlier place gets an error that names the new one (files are
     migrated: a saved run config must load as it was written)."""
     for item in overrides:
-        name = item.split("=", 1)[0]
-        if name.startswith("objective.") and moved_key(name[len("objective."):]):
-            raise ConfigError(f"overrides: {name} is now objective.{moved_key(name[len('objective.'):])} (each "
-                              "objective's own settings are under objective.<kind>); rename it")
+        section, _, name = item.split("=", 1)[0].partition(".")
+        if section == "objective" and moved_key(name):
+            raise ConfigError(f"overrides: objective.{name} is now objective.{moved_key(name)} (each objective's own "
+                              "settings are under objective.<kind>); rename it")
 
 
 def migrate(saved: dict) -> dict:

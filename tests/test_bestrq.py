@@ -156,7 +156,7 @@ def bestrq_command(shards: str, run_dir, *extra) -> list[str]:
 @pytest.mark.slow
 def test_bestrq_run_without_labels_resumes_exactly(train_data, tmp_path):
     shards = train_data[0]  # audio only: the k-means labels beside it are not read
-    a, _, wb = straight_and_resumed(bestrq_command, shards, tmp_path)
+    a, wb = straight_and_resumed(bestrq_command, shards, tmp_path)
     assert {"loss/bestrq_0", "acc/bestrq_1", "eval/loss/bestrq_0", "collapse/effective_rank"} <= set().union(*a)
     assert not any("quantizer" in k or "codebooks" in k for k in wb)  # regenerated from the seed, not saved
 
